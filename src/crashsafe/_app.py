@@ -1,0 +1,503 @@
+"""The App: registration, starting, recovery, control, and the process's lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any, ParamSpec, TypeVar, overload
+
+from . import _codec
+from ._commit import GroupCommitter
+from ._context import _STEP, _WORKFLOW, WorkflowContext
+from ._handle import WorkflowHandle
+from ._recovery import HOSTNAME, executor_alive, process_start_marker
+from ._step import RetryPolicy, Step, seconds
+from ._workflow import Outcome, Workflow, run_async, run_sync
+from .exceptions import (
+    ConfigurationError,
+    CrashsafeError,
+    InvalidStateError,
+    UnknownWorkflowError,
+)
+from .stores import ListFilter, Status, Store, WorkflowRecord, open_store
+from .stores.base import ExecutorRecord, JournalEntry
+
+log = logging.getLogger("crashsafe")
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class Execution:
+    """A workflow running in this process."""
+
+    __slots__ = ("_waiters", "ctx", "done", "outcome")
+
+    def __init__(self, ctx: WorkflowContext) -> None:
+        self.ctx = ctx
+        self.done = threading.Event()
+        self.outcome: Outcome | None = None
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+
+    def finish(self, outcome: Outcome, lock: threading.Lock) -> None:
+        with lock:
+            self.outcome = outcome
+            self.done.set()
+            waiters, self._waiters = self._waiters, []
+        for loop, fut in waiters:
+            loop.call_soon_threadsafe(_set_done, fut)
+
+    def future_for(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
+        fut: asyncio.Future[None] = loop.create_future()
+        if self.done.is_set():
+            fut.set_result(None)
+        else:
+            self._waiters.append((loop, fut))
+            if self.done.is_set() and not fut.done():  # finished while we registered
+                fut.set_result(None)
+        return fut
+
+
+def _set_done(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+class App:
+    """A crashsafe application: your workflows and steps, bound to one store.
+
+    ``url`` picks the store: ``sqlite:///agent.db`` (the default is
+    ``$CRASHSAFE_DATABASE``, else ``sqlite:///crashsafe.db``) or ``memory://``.
+    Pass ``store=`` to share a store object between apps (tests).
+
+    Opening the app does no I/O. The app starts *serving* — registers this process,
+    heartbeats, and recovers orphaned workflows — on :meth:`launch`, which the first
+    :meth:`start` or :meth:`recover` call does for you.
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        store: Store | None = None,
+        max_recoveries: int = 20,
+        lease: float | timedelta = 30.0,
+        heartbeat_interval: float | timedelta = 2.0,
+        recovery_interval: float | timedelta = 5.0,
+    ) -> None:
+        if store is not None and url is not None:
+            raise ConfigurationError("pass either a URL or a store, not both")
+        self._url = url
+        self._store = store
+        self._owns_store = store is None
+        if max_recoveries < 1:
+            raise ConfigurationError("max_recoveries must be at least 1")
+        self.max_recoveries = max_recoveries
+        self.lease = seconds(lease, "lease") or 30.0
+        self.heartbeat_interval = seconds(heartbeat_interval, "heartbeat_interval") or 2.0
+        self.recovery_interval = seconds(recovery_interval, "recovery_interval") or 5.0
+        self.executor_id = f"{HOSTNAME}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+        self._workflows: dict[str, dict[str, Workflow[Any, Any]]] = {}
+        self._latest: dict[str, Workflow[Any, Any]] = {}
+        self._executions: dict[str, Execution] = {}
+        self._lock = threading.Lock()
+        self._launched = False
+        self._closing = threading.Event()
+        self._background: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: threading.Thread | None = None
+        self._committer_obj: GroupCommitter | None = None
+
+    # -- store --------------------------------------------------------------------------
+    @property
+    def store(self) -> Store:
+        """The store, opened on first use."""
+        if self._store is None:
+            with self._lock:
+                if self._store is None:
+                    self._store = open_store(self._url)
+        return self._store
+
+    @property
+    def _committer(self) -> GroupCommitter:
+        if self._committer_obj is None:
+            with self._lock:
+                if self._committer_obj is None:
+                    self._committer_obj = GroupCommitter(self.store)
+        return self._committer_obj
+
+    # -- registration -------------------------------------------------------------------
+    @overload
+    def workflow(self, fn: Callable[P, R], /) -> Workflow[P, R]: ...
+
+    @overload
+    def workflow(
+        self, fn: None = None, /, *, name: str | None = None, version: str | int = "1"
+    ) -> Callable[[Callable[P, R]], Workflow[P, R]]: ...
+
+    def workflow(
+        self, fn: Callable[P, R] | None = None, /, *, name: str | None = None,
+        version: str | int = "1",
+    ) -> Workflow[P, R] | Callable[[Callable[P, R]], Workflow[P, R]]:
+        """Register a workflow function (``def`` or ``async def``).
+
+        ``name`` defaults to the function's qualified name and identifies the workflow
+        in the store; keep it stable. Register a changed workflow under a new
+        ``version`` (keeping the old one registered) so in-flight runs finish on the
+        code that started them, or use :func:`crashsafe.patched` inside one version.
+        """
+
+        def register(f: Callable[P, R]) -> Workflow[P, R]:
+            wf: Workflow[P, R] = Workflow(self, f, name=name, version=str(version))
+            versions = self._workflows.setdefault(wf.name, {})
+            old = versions.get(wf.version)
+            code = getattr(f, "__code__", None)
+            if old is not None and getattr(old.fn, "__code__", None) is not code:
+                raise ConfigurationError(
+                    f"workflow {wf.name!r} version {wf.version!r} is already registered by "
+                    f"{old.fn.__module__}.{old.fn.__qualname__}; give one a different name "
+                    "or version"
+                )
+            versions[wf.version] = wf
+            self._latest[wf.name] = wf
+            return wf
+
+        return register(fn) if fn is not None else register
+
+    @overload
+    def step(self, fn: Callable[P, R], /) -> Step[P, R]: ...
+
+    @overload
+    def step(
+        self, fn: None = None, /, *, name: str | None = None,
+        retry: RetryPolicy | int | bool | None = None,
+        timeout: float | timedelta | None = None,
+    ) -> Callable[[Callable[P, R]], Step[P, R]]: ...
+
+    def step(
+        self, fn: Callable[P, R] | None = None, /, *, name: str | None = None,
+        retry: RetryPolicy | int | bool | None = None, timeout: float | timedelta | None = None,
+    ) -> Step[P, R] | Callable[[Callable[P, R]], Step[P, R]]:
+        """Make a function (``def`` or ``async def``) a step: run once, journaled, replayed.
+
+        ``retry`` is a :class:`RetryPolicy`, a number of attempts, or True for the
+        default policy; ``timeout`` bounds each attempt (seconds or timedelta).
+        """
+
+        def register(f: Callable[P, R]) -> Step[P, R]:
+            return Step(f, name=name, retry=retry, timeout=timeout)
+
+        return register(fn) if fn is not None else register
+
+    def _lookup(self, name: str, version: str | None = None) -> Workflow[Any, Any] | None:
+        versions = self._workflows.get(name)
+        if not versions:
+            return None
+        if version is not None and version in versions:
+            return versions[version]
+        return self._latest[name]
+
+    def _resolve(self, fn: Workflow[Any, Any] | str) -> Workflow[Any, Any]:
+        if isinstance(fn, Workflow):
+            if fn.app is not self:
+                raise ConfigurationError(f"{fn!r} is registered with another App")
+            return fn
+        if isinstance(fn, str):
+            wf = self._lookup(fn)
+            if wf is None:
+                raise UnknownWorkflowError(
+                    f"no workflow named {fn!r} is registered; registered: "
+                    f"{sorted(self._workflows) or 'none'}"
+                )
+            return wf
+        raise TypeError(
+            f"app.start expects a function decorated with @app.workflow (or its name), "
+            f"got {fn!r}"
+        )
+
+    # -- lifecycle ----------------------------------------------------------------------
+    def launch(self) -> None:
+        """Start serving: register this process, heartbeat, and recover orphans."""
+        with self._lock:
+            if self._launched:
+                return
+            if self._closing.is_set():
+                raise InvalidStateError("this App was closed; create a new one")
+            self._launched = True
+        now = time.time()
+        pid = os.getpid()
+        self.store.register_executor(ExecutorRecord(
+            self.executor_id, HOSTNAME, pid, process_start_marker(pid), now, now,
+        ))
+        self._background = threading.Thread(target=self._serve, name="crashsafe-heartbeat",
+                                            daemon=True)
+        self._background.start()
+        self.recover()
+
+    def __enter__(self) -> App:
+        self.launch()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop serving. In-flight workflows stop at their next durable call and are
+        left for recovery (by this process's successor or any other process)."""
+        self._closing.set()
+        with self._lock:
+            executions = list(self._executions.values())
+        for ex in executions:
+            ex.ctx.shutdown = True
+        deadline = time.monotonic() + timeout
+        clean = all(ex.done.wait(max(0.0, deadline - time.monotonic())) for ex in executions)
+        if self._background is not None:
+            self._background.join(timeout=2.0)
+        if self._launched and clean:
+            try:
+                self.store.stop_executor(self.executor_id)
+            except CrashsafeError as exc:
+                log.warning("could not mark executor %s stopped: %s", self.executor_id, exc)
+        if self._committer_obj is not None:
+            self._committer_obj.close()
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            if self._loop_thread is not None:
+                self._loop_thread.join(timeout=2.0)
+        if self._owns_store and self._store is not None and clean:
+            self._store.close()
+
+    def _serve(self) -> None:
+        next_beat = next_sweep = time.monotonic()
+        while not self._closing.wait(0.25):
+            now = time.monotonic()
+            try:
+                self._poll_cancellations()
+                if now >= next_beat:
+                    self.store.heartbeat(self.executor_id, time.time())
+                    next_beat = now + self.heartbeat_interval
+                if now >= next_sweep:
+                    self.recover()
+                    next_sweep = now + self.recovery_interval
+            except CrashsafeError as exc:  # the store hiccuped; try again on the next tick
+                log.warning("crashsafe background work failed: %s", exc)
+
+    def _poll_cancellations(self) -> None:
+        with self._lock:
+            ids = list(self._executions)
+        if not ids:
+            return
+        for wid in self.store.cancelled_among(ids):
+            ex = self._executions.get(wid)
+            if ex is not None:
+                ex.ctx.cancel_event.set()
+
+    def _event_loop(self) -> asyncio.AbstractEventLoop:
+        with self._lock:
+            if self._loop is None:
+                loop = asyncio.new_event_loop()
+                thread = threading.Thread(target=loop.run_forever, name="crashsafe-async",
+                                          daemon=True)
+                thread.start()
+                self._loop, self._loop_thread = loop, thread
+            return self._loop
+
+    # -- starting -----------------------------------------------------------------------
+    def start(self, fn: Workflow[P, R] | str, *args: Any, workflow_id: str | None = None,
+              **kwargs: Any) -> WorkflowHandle[R]:
+        """Start a workflow and return its handle at once.
+
+        Idempotent on ``workflow_id``: starting an id that exists returns a handle
+        to the existing workflow and runs nothing. Arguments are serialized here, so
+        a value crashsafe cannot store fails now, naming the argument.
+        Called inside a workflow, this starts a journaled child workflow.
+        """
+        wf = self._resolve(fn)
+        if workflow_id is not None and (not isinstance(workflow_id, str) or not workflow_id):
+            raise ConfigurationError(f"workflow_id must be a non-empty string, got {workflow_id!r}")
+        inputs = wf.encode_inputs(args, kwargs)
+        parent = _WORKFLOW.get() if _STEP.get() is None else None
+        if parent is not None:
+            return self._start_child(parent, wf, inputs, args, kwargs, workflow_id)
+        self.launch()
+        wid = workflow_id or str(uuid.uuid4())
+        self._create_and_run(wf, wid, inputs, args, kwargs, parent_id=None)
+        return WorkflowHandle(self, wid)
+
+    async def start_async(self, fn: Workflow[P, R] | str, *args: Any,
+                          workflow_id: str | None = None, **kwargs: Any) -> WorkflowHandle[R]:
+        """:meth:`start` for async callers: the store write does not block the loop."""
+        def go() -> WorkflowHandle[R]:
+            return self.start(fn, *args, workflow_id=workflow_id, **kwargs)
+
+        return await asyncio.to_thread(go)
+
+    def _start_child(self, parent: WorkflowContext, wf: Workflow[Any, Any], inputs: bytes,
+                     args: tuple[Any, ...], kwargs: dict[str, Any],
+                     workflow_id: str | None) -> WorkflowHandle[Any]:
+        idx, entry = parent.begin("child", wf.name)
+        if entry is not None:
+            child_id = str(_codec.decode(entry.output or b'""', "child workflow id"))
+            return WorkflowHandle(self, child_id)
+        child_id = workflow_id or f"{parent.workflow_id}/{idx}"
+        self._create_and_run(wf, child_id, inputs, args, kwargs, parent_id=parent.workflow_id)
+        data, _ = _codec.encode(child_id, "child workflow id")
+        at = time.time()
+        parent.commit([JournalEntry(parent.workflow_id, idx, "child", wf.name, data, None, 1,
+                                    at, at)])
+        return WorkflowHandle(self, child_id)
+
+    def _create_and_run(self, wf: Workflow[Any, Any], wid: str, inputs: bytes,
+                        args: tuple[Any, ...], kwargs: dict[str, Any],
+                        parent_id: str | None) -> None:
+        self.launch()
+        now = time.time()
+        rec = WorkflowRecord(wid, wf.name, wf.version, Status.RUNNING, inputs, now, now,
+                             owner=self.executor_id, parent_id=parent_id)
+        stored, created = self.store.create_workflow(rec)
+        if not created:
+            if stored.name != wf.name:
+                raise InvalidStateError(
+                    f"workflow id {wid!r} already belongs to workflow {stored.name!r} "
+                    f"(status {stored.status}); pick another id"
+                )
+            return
+        self._run(wf, stored, list(args), dict(kwargs), [])
+
+    def _run(self, wf: Workflow[Any, Any], rec: WorkflowRecord, args: list[Any],
+             kwargs: dict[str, Any], journal: list[JournalEntry]) -> None:
+        ctx = WorkflowContext(self, rec.id, rec.name, journal, is_async=wf.is_async)
+        ex = Execution(ctx)
+        with self._lock:
+            if rec.id in self._executions:
+                return
+            self._executions[rec.id] = ex
+        if wf.is_async:
+            async def main() -> None:
+                self._finish(ex, await run_async(wf, ctx, args, kwargs))
+
+            asyncio.run_coroutine_threadsafe(main(), self._event_loop())
+        else:
+            def target() -> None:
+                self._finish(ex, run_sync(wf, ctx, args, kwargs))
+
+            threading.Thread(target=target, name=f"crashsafe-wf-{rec.id}", daemon=True).start()
+
+    def _finish(self, ex: Execution, outcome: Outcome) -> None:
+        if outcome.kind == "store_error":
+            log.error("workflow %s stopped: %s; it will be recovered when the store works",
+                      ex.ctx.workflow_id, outcome.error)
+        ex.finish(outcome, self._lock)
+        with self._lock:
+            if self._executions.get(ex.ctx.workflow_id) is ex:
+                del self._executions[ex.ctx.workflow_id]
+
+    # -- recovery -----------------------------------------------------------------------
+    def recover(self) -> list[WorkflowHandle[Any]]:
+        """Take over every running workflow whose owning process is dead, and resume it.
+
+        Never takes a workflow from a live process. A workflow recovered more than
+        ``max_recoveries`` times becomes a dead letter instead. Returns handles to the
+        workflows resumed here.
+        """
+        self.launch()
+        rows = self.store.running_workflows(self.executor_id)
+        if not rows:
+            return []
+        owners = sorted({owner for _, owner, _ in rows if owner is not None})
+        executors = self.store.get_executors(owners)
+        now = time.time()
+        dead = {o for o in owners if not executor_alive(executors.get(o), self.lease, now)}
+        handles: list[WorkflowHandle[Any]] = []
+        for wid, owner, name in rows:
+            if owner is not None and owner not in dead:
+                continue
+            if wid in self._executions or name not in self._workflows:
+                continue
+            res = self.store.claim_workflow(wid, owner, self.executor_id, self.max_recoveries)
+            if res.dead_lettered:
+                log.error("workflow %s dead-lettered: %s", wid, res.record and res.record.reason)
+                continue
+            if not res.claimed or res.record is None:
+                continue
+            if self._resume(res.record):
+                handles.append(WorkflowHandle(self, wid))
+        return handles
+
+    def _resume(self, rec: WorkflowRecord) -> bool:
+        wf = self._lookup(rec.name, rec.version)
+        if wf is None:  # pragma: no cover - checked by the caller
+            return False
+        try:
+            args, kwargs = wf.decode_inputs(rec.inputs, rec.id)
+            journal = self.store.load_journal(rec.id)
+        except CrashsafeError as exc:
+            self.store.set_status(rec.id, Status.DEAD_LETTER, only_from=(Status.RUNNING,),
+                                  reason=f"cannot resume: {exc}", clear_owner=True)
+            log.error("workflow %s dead-lettered: %s", rec.id, exc)
+            return False
+        self._run(wf, rec, args, kwargs, journal)
+        return True
+
+    # -- reading and control --------------------------------------------------------------
+    def handle(self, workflow_id: str) -> WorkflowHandle[Any]:
+        """A handle to an existing workflow; raises UnknownWorkflowError if there is none."""
+        h: WorkflowHandle[Any] = WorkflowHandle(self, workflow_id)
+        h.record()
+        return h
+
+    def get_workflow(self, workflow_id: str) -> WorkflowRecord:
+        rec = self.store.get_workflow(workflow_id)
+        if rec is None:
+            raise UnknownWorkflowError(f"no workflow with id {workflow_id!r}")
+        return rec
+
+    def list_workflows(self, *, status: Status | str | None = None, name: str | None = None,
+                       limit: int = 100) -> list[WorkflowRecord]:
+        st = Status(status) if status is not None else None
+        return self.store.list_workflows(ListFilter(status=st, name=name, limit=limit))
+
+    def journal(self, workflow_id: str) -> list[JournalEntry]:
+        self.get_workflow(workflow_id)
+        return self.store.load_journal(workflow_id)
+
+    def cancel(self, workflow_id: str, reason: str | None = None) -> bool:
+        """Cancel a running workflow; False if it had already finished.
+
+        The workflow stops at its next durable call with :class:`WorkflowCancelled`;
+        its result becomes :class:`WorkflowCancelledError`.
+        """
+        rec = self.store.set_status(workflow_id, Status.CANCELLED, only_from=(Status.RUNNING,),
+                                    reason=reason or "cancelled on request")
+        if rec is None:
+            self.get_workflow(workflow_id)  # raises UnknownWorkflowError if absent
+            return False
+        ex = self._executions.get(workflow_id)
+        if ex is not None:
+            ex.ctx.cancel_event.set()
+        return True
+
+    def resume(self, workflow_id: str) -> WorkflowHandle[Any]:
+        """Revive a cancelled or dead-lettered workflow from where its journal ends.
+
+        Any serving app with the workflow registered picks it up (this one at once).
+        """
+        rec = self.store.set_status(
+            workflow_id, Status.RUNNING, only_from=(Status.CANCELLED, Status.DEAD_LETTER),
+            clear_owner=True, reset_recoveries=True,
+        )
+        if rec is None:
+            cur = self.get_workflow(workflow_id)
+            raise InvalidStateError(
+                f"workflow {workflow_id!r} is {cur.status}; only cancelled or dead-lettered "
+                "workflows can be resumed (running ones resume by themselves)"
+            )
+        if rec.name in self._workflows and self._launched:
+            self.recover()
+        return WorkflowHandle(self, workflow_id)

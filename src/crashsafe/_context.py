@@ -1,0 +1,161 @@
+"""Per-workflow execution state and the journal cursor used for replay."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from .exceptions import NondeterminismError, NotInWorkflowError, WorkflowCancelled
+from .stores.base import JournalEntry, Op
+
+if TYPE_CHECKING:
+    from ._app import App
+
+
+class _Shutdown(BaseException):
+    """Stops a workflow at its next durable call because its app is closing."""
+
+
+class _ReplayEnd(BaseException):
+    """A check-only replay reached the end of the recorded journal."""
+
+
+@dataclass(frozen=True, slots=True)
+class Current:
+    """What :func:`crashsafe.current` returns.
+
+    Inside a step, ``step_index``, ``step_name``, ``attempt`` (from 1) and
+    ``idempotency_key`` describe the running step; in workflow code outside a step
+    they are ``None``.
+    """
+
+    workflow_id: str
+    workflow_name: str
+    step_index: int | None = None
+    step_name: str | None = None
+    attempt: int | None = None
+    idempotency_key: str | None = None
+
+    @property
+    def in_step(self) -> bool:
+        return self.step_index is not None
+
+
+def idempotency_key(workflow_id: str, step_index: int) -> str:
+    """The key a step's external calls should carry: same across retries and crashes."""
+    return f"{workflow_id}:{step_index}"
+
+
+class WorkflowContext:
+    """Everything one running workflow needs: its id, its journal, its cursor."""
+
+    __slots__ = (
+        "app", "cancel_event", "check_only", "executed", "is_async", "journal",
+        "next_index", "patches", "pending", "replayed", "shutdown", "workflow_id",
+        "workflow_name",
+    )
+
+    def __init__(
+        self,
+        app: App,
+        workflow_id: str,
+        workflow_name: str,
+        journal: Sequence[JournalEntry],
+        *,
+        is_async: bool,
+        check_only: bool = False,
+    ) -> None:
+        self.app = app
+        self.workflow_id = workflow_id
+        self.workflow_name = workflow_name
+        self.journal: dict[int, JournalEntry] = {e.index: e for e in journal}
+        self.next_index = 0
+        self.pending: list[Op] = []
+        self.is_async = is_async
+        self.check_only = check_only
+        self.cancel_event = threading.Event()
+        self.shutdown = False
+        self.executed = 0
+        self.replayed = 0
+        self.patches: dict[str, bool] = {}
+
+    @property
+    def cancelled(self) -> bool:
+        return self.cancel_event.is_set()
+
+    def check_interrupt(self) -> None:
+        if self.cancel_event.is_set():
+            raise WorkflowCancelled(f"workflow {self.workflow_id!r} was cancelled")
+        if self.shutdown:
+            raise _Shutdown
+
+    def begin(self, kind: str, name: str) -> tuple[int, JournalEntry | None]:
+        """Take the next journal index; return the recorded entry there, if any."""
+        self.check_interrupt()
+        idx = self.next_index
+        self.next_index = idx + 1
+        entry = self.journal.pop(idx, None)
+        if entry is None:
+            if self.check_only:
+                raise _ReplayEnd
+            return idx, None
+        if entry.kind != kind or entry.name != name:
+            raise NondeterminismError(
+                self.workflow_id, idx, f"{kind} {name!r}", f"{entry.kind} {entry.name!r}"
+            )
+        self.replayed += 1
+        return idx, entry
+
+    def peek(self) -> JournalEntry | None:
+        return self.journal.get(self.next_index)
+
+    def leftover_check(self) -> None:
+        """After the workflow returned: every recorded entry must have been met."""
+        if self.journal:
+            idx = min(self.journal)
+            entry = self.journal[idx]
+            raise NondeterminismError(
+                self.workflow_id, idx, "no further call (the workflow returned)",
+                f"{entry.kind} {entry.name!r}",
+            )
+
+    def commit(self, ops: list[Op]) -> None:
+        if self.pending:
+            ops = self.pending + ops
+            self.pending = []
+        self.app._committer.commit(ops)
+
+    async def commit_async(self, ops: list[Op]) -> None:
+        if self.pending:
+            ops = self.pending + ops
+            self.pending = []
+        await self.app._committer.commit_async(ops)
+
+
+_WORKFLOW: ContextVar[WorkflowContext | None] = ContextVar("crashsafe_workflow", default=None)
+_STEP: ContextVar[Current | None] = ContextVar("crashsafe_step", default=None)
+
+
+def workflow_context(what: str) -> WorkflowContext:
+    ctx = _WORKFLOW.get()
+    if ctx is None:
+        raise NotInWorkflowError(
+            f"{what} was called outside a workflow; call it from a function decorated "
+            "with @app.workflow"
+        )
+    return ctx
+
+
+def current() -> Current:
+    """Describe the running workflow and step (see :class:`Current`).
+
+    Raises :class:`~crashsafe.NotInWorkflowError` outside a workflow.
+    """
+    step = _STEP.get()
+    if step is not None:
+        return step
+    ctx = workflow_context("crashsafe.current()")
+    return Current(ctx.workflow_id, ctx.workflow_name)

@@ -1,0 +1,161 @@
+"""Journaled values and durable timers for workflow code.
+
+Inside a workflow (and outside any step), these record what they returned so a
+replay returns the same thing. Outside a workflow, or inside a step body (which is
+never replayed), they behave like their ordinary counterparts.
+
+Journaled values are not committed on their own: they ride along with the
+workflow's next commit. A crash before that commit loses a value nobody durable
+has seen yet, so a fresh one is equally valid.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import random as _random
+import time
+import uuid as _uuid
+from datetime import timedelta
+from typing import Any
+
+from . import _codec
+from ._context import _STEP, _WORKFLOW, WorkflowContext
+from ._step import seconds
+from .exceptions import NotInWorkflowError
+from .stores.base import JournalEntry
+
+_rng = _random.SystemRandom()
+
+
+def _workflow_only() -> WorkflowContext | None:
+    if _STEP.get() is not None:
+        return None
+    return _WORKFLOW.get()
+
+
+def _journaled(ctx: WorkflowContext, kind: str, make: Any) -> Any:
+    idx, entry = ctx.begin(kind, kind)
+    if entry is not None:
+        return _codec.decode(entry.output or b"null", f"journaled {kind}")
+    value = make()
+    data, _ = _codec.encode(value, f"journaled {kind}")
+    at = time.time()
+    ctx.pending.append(JournalEntry(ctx.workflow_id, idx, kind, kind, data, None, 1, at, at))
+    return value
+
+
+def now() -> dt.datetime:
+    """The current UTC time; journaled inside a workflow so replay sees the same instant."""
+    ctx = _workflow_only()
+    if ctx is None:
+        return dt.datetime.now(dt.UTC)
+    value: dt.datetime = _journaled(ctx, "now", lambda: dt.datetime.now(dt.UTC))
+    return value
+
+
+def uuid4() -> _uuid.UUID:
+    """A random UUID; journaled inside a workflow."""
+    ctx = _workflow_only()
+    if ctx is None:
+        return _uuid.uuid4()
+    value: _uuid.UUID = _journaled(ctx, "uuid", _uuid.uuid4)
+    return value
+
+
+def random() -> float:
+    """A float in [0, 1); journaled inside a workflow."""
+    ctx = _workflow_only()
+    if ctx is None:
+        return _rng.random()
+    value: float = _journaled(ctx, "random", _rng.random)
+    return value
+
+
+def sleep(duration: float | timedelta) -> None:
+    """Sleep durably: after a crash, the workflow wakes at the originally planned time.
+
+    In an ``async def`` workflow use ``await crashsafe.sleep_async(...)``.
+    """
+    secs = seconds(duration, "sleep duration") or 0.0
+    ctx = _workflow_only()
+    if ctx is None:
+        time.sleep(secs)
+        return
+    if ctx.is_async:
+        raise NotInWorkflowError(
+            "crashsafe.sleep() blocks; in an async workflow use "
+            "`await crashsafe.sleep_async(...)`"
+        )
+    idx, entry = ctx.begin("sleep", "sleep")
+    if entry is not None:
+        wake = float(_codec.decode(entry.output or b"0", "durable sleep"))
+    else:
+        at = time.time()
+        wake = at + secs
+        data, _ = _codec.encode(wake, "durable sleep")
+        ctx.commit([JournalEntry(ctx.workflow_id, idx, "sleep", "sleep", data, None, 1, at, at)])
+    if ctx.check_only:
+        return
+    while (remaining := wake - time.time()) > 0:
+        if ctx.cancel_event.wait(min(remaining, 1.0)):
+            break
+        if ctx.shutdown:
+            break
+    ctx.check_interrupt()
+
+
+async def sleep_async(duration: float | timedelta) -> None:
+    """The async form of :func:`sleep`, for ``async def`` workflows."""
+    secs = seconds(duration, "sleep duration") or 0.0
+    ctx = _workflow_only()
+    if ctx is None:
+        await asyncio.sleep(secs)
+        return
+    idx, entry = ctx.begin("sleep", "sleep")
+    if entry is not None:
+        wake = float(_codec.decode(entry.output or b"0", "durable sleep"))
+    else:
+        at = time.time()
+        wake = at + secs
+        data, _ = _codec.encode(wake, "durable sleep")
+        await ctx.commit_async(
+            [JournalEntry(ctx.workflow_id, idx, "sleep", "sleep", data, None, 1, at, at)]
+        )
+    if ctx.check_only:
+        return
+    while (remaining := wake - time.time()) > 0:
+        await asyncio.sleep(min(remaining, 0.5))
+        ctx.check_interrupt()
+    ctx.check_interrupt()
+
+
+def patched(patch_id: str) -> bool:
+    """Whether this workflow run takes the new code path named ``patch_id``.
+
+    Workflows that reach this point for the first time take the new path (True) and
+    record that; workflows whose journal was written by the old code (which had no
+    patch here) replay the old path (False). Once every old workflow has finished,
+    delete the check and the old path.
+    """
+    ctx = _workflow_only()
+    if ctx is None:
+        raise NotInWorkflowError("crashsafe.patched() only makes sense inside a workflow")
+    known = ctx.patches.get(patch_id)
+    if known is not None:
+        return known
+    entry = ctx.peek()
+    if entry is not None and not (entry.kind == "patch" and entry.name == patch_id):
+        ctx.patches[patch_id] = False
+        return False
+    _journaled_patch(ctx, patch_id)
+    ctx.patches[patch_id] = True
+    return True
+
+
+def _journaled_patch(ctx: WorkflowContext, patch_id: str) -> None:
+    idx, entry = ctx.begin("patch", patch_id)
+    if entry is None:
+        at = time.time()
+        ctx.pending.append(JournalEntry(ctx.workflow_id, idx, "patch", patch_id, b"true", None,
+                                        1, at, at))

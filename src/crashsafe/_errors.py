@@ -1,0 +1,154 @@
+"""Recording exceptions and rebuilding them on replay.
+
+A failure is stored as data (type name, message, arguments, traceback text). On
+replay it is rebuilt only when its type is known *without importing anything*: a
+builtin exception, a crashsafe exception, or a type the user registered with
+:func:`register_exception`. Other types surface as :class:`~crashsafe.StepError`
+(or :class:`~crashsafe.WorkflowFailedError`) — on the first run too, so workflow
+code sees the same failure whether it runs live or replays.
+"""
+
+from __future__ import annotations
+
+import builtins
+import traceback
+from typing import Any, TypeVar
+
+from . import exceptions as _exc
+from ._codec import decode, encode
+from .exceptions import SerializationError, StepError, WorkflowFailedError
+
+_REGISTERED: dict[str, type[BaseException]] = {}
+E = TypeVar("E", bound=type[BaseException])
+
+
+def _type_key(cls: type[BaseException]) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def register_exception(cls: E) -> E:
+    """Let crashsafe rebuild ``cls`` when it replays a recorded failure.
+
+    Use as a decorator on exception classes that steps raise and workflows catch.
+    The class is rebuilt as ``cls(*args)`` from the recorded arguments, so its
+    arguments must be storable values.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, Exception)):
+        raise TypeError(f"register_exception expects an Exception subclass, got {cls!r}")
+    _REGISTERED[_type_key(cls)] = cls
+    return cls
+
+
+def _known_type(key: str) -> type[BaseException] | None:
+    cls = _REGISTERED.get(key)
+    if cls is not None:
+        return cls
+    module, _, name = key.rpartition(".")
+    if module == "builtins":
+        found = getattr(builtins, name, None)
+    elif module == _exc.__name__:
+        found = getattr(_exc, name, None)
+    else:
+        return None
+    if isinstance(found, type) and issubclass(found, Exception):
+        return found
+    return None
+
+
+def rebuildable(exc: BaseException) -> bool:
+    key = _type_key(type(exc))
+    return _known_type(key) is type(exc) and _args_storable(exc)
+
+
+def _args_storable(exc: BaseException) -> bool:
+    try:
+        encode(list(exc.args), "exception arguments")
+    except SerializationError:
+        return False
+    return True
+
+
+def error_payload(exc: BaseException) -> bytes:
+    """Serialize an exception as data."""
+    try:
+        args: list[Any] | None = list(exc.args)
+        encode(args, "exception arguments")
+    except SerializationError:
+        args = None
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    data, _ = encode(
+        {"type": _type_key(type(exc)), "message": str(exc), "args": args, "traceback": tb},
+        "exception",
+    )
+    return data
+
+
+def _fields(payload: bytes, what: str) -> tuple[str, str, list[Any] | None, str]:
+    info = decode(payload, what)
+    if not isinstance(info, dict):
+        info = {}
+    args = info.get("args")
+    return (
+        str(info.get("type", "Exception")),
+        str(info.get("message", "")),
+        args if isinstance(args, list) else None,
+        str(info.get("traceback", "")),
+    )
+
+
+def _rebuild(type_key: str, message: str, args: list[Any] | None) -> BaseException | None:
+    cls = _known_type(type_key)
+    if cls is None:
+        return None
+    try:
+        return cls(*args) if args is not None else cls(message)
+    except Exception:  # a constructor that wants other arguments: fall back to a wrapper
+        return None
+
+
+def step_failure(step_name: str, payload: bytes) -> BaseException:
+    """The exception a workflow sees for a recorded step failure."""
+    type_key, message, args, tb = _fields(payload, f"error of step {step_name!r}")
+    rebuilt = _rebuild(type_key, message, args)
+    if rebuilt is not None:
+        return rebuilt
+    return StepError(step_name, type_key, message, tb)
+
+
+def live_step_failure(step_name: str, exc: Exception) -> BaseException:
+    """What the first run raises: the original if replay can rebuild it, else StepError."""
+    if rebuildable(exc):
+        return exc
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    err = StepError(step_name, _type_key(type(exc)), str(exc), tb)
+    err.__cause__ = exc
+    return err
+
+
+def workflow_failure(workflow_id: str, payload: bytes) -> BaseException:
+    """The exception ``result()`` raises for a failed workflow."""
+    type_key, message, args, tb = _fields(payload, f"error of workflow {workflow_id!r}")
+    rebuilt = _rebuild(type_key, message, args)
+    if rebuilt is not None:
+        return rebuilt
+    return WorkflowFailedError(workflow_id, type_key, message, tb)
+
+
+def live_workflow_failure(workflow_id: str, exc: BaseException) -> BaseException:
+    if rebuildable(exc):
+        return exc
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    err = WorkflowFailedError(workflow_id, _type_key(type(exc)), str(exc), tb)
+    err.__cause__ = exc
+    return err
+
+
+def describe(payload: bytes | None) -> str:
+    """One line for the CLI: ``Type: message``."""
+    if not payload:
+        return ""
+    try:
+        type_key, message, _, _ = _fields(payload, "error")
+    except _exc.CrashsafeError as exc:
+        return f"<unreadable error record: {exc}>"
+    return f"{type_key.removeprefix('builtins.')}: {message}"

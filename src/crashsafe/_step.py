@@ -1,0 +1,249 @@
+"""Steps: functions whose results are journaled and replayed instead of re-run."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+import inspect
+import random
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Generic, ParamSpec, TypeVar
+
+from . import _codec
+from ._context import _STEP, _WORKFLOW, Current, WorkflowContext, idempotency_key
+from ._errors import error_payload, live_step_failure, step_failure
+from .exceptions import NotInWorkflowError, SerializationError, StepTimeoutError
+from .stores.base import JournalEntry
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def seconds(value: float | timedelta | None, what: str) -> float | None:
+    """Accept seconds or a timedelta; reject negatives with a message naming ``what``."""
+    if value is None:
+        return None
+    out = value.total_seconds() if isinstance(value, timedelta) else float(value)
+    if out < 0 or out != out:
+        raise ValueError(f"{what} must be a non-negative duration, got {value!r}")
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How a step retries a failed attempt.
+
+    The resilience policies (failure classes, durable budgets, breakers) build on
+    this; here attempts are counted per run of the step.
+    """
+
+    max_attempts: int = 3
+    """Total attempts including the first. 1 means no retry."""
+    initial_delay: float = 0.5
+    """Seconds before the second attempt (before jitter)."""
+    max_delay: float = 30.0
+    """Upper bound of any single delay, in seconds."""
+    backoff: float = 2.0
+    """Each delay is the previous one times this factor."""
+    jitter: bool = True
+    """Full jitter: the delay is drawn uniformly from [0, computed delay]."""
+    retry_on: tuple[type[BaseException], ...] = (Exception,)
+    """Only these exception types are retried."""
+    give_up_on: tuple[type[BaseException], ...] = ()
+    """These are never retried, even if they match ``retry_on``."""
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError("RetryPolicy.max_attempts must be at least 1")
+        if self.initial_delay < 0 or self.max_delay < 0 or self.backoff < 1:
+            raise ValueError("RetryPolicy delays must be >= 0 and backoff >= 1")
+
+    def delay(self, attempt: int, exc: BaseException) -> float | None:
+        """Seconds to wait before attempt ``attempt + 1``, or None to give up."""
+        if attempt >= self.max_attempts:
+            return None
+        if isinstance(exc, self.give_up_on) or not isinstance(exc, self.retry_on):
+            return None
+        cap = min(self.max_delay, self.initial_delay * self.backoff ** (attempt - 1))
+        return random.uniform(0, cap) if self.jitter else cap
+
+
+NO_RETRY = RetryPolicy(max_attempts=1)
+
+
+def as_policy(retry: RetryPolicy | int | bool | None) -> RetryPolicy:
+    if retry is None or retry is False:
+        return NO_RETRY
+    if retry is True:
+        return RetryPolicy()
+    if isinstance(retry, RetryPolicy):
+        return retry
+    if isinstance(retry, int):
+        return RetryPolicy(max_attempts=retry)
+    raise TypeError(f"retry must be a RetryPolicy, an int, a bool or None, not {retry!r}")
+
+
+class Step(Generic[P, R]):
+    """A function decorated with ``@app.step``. Call it from a workflow."""
+
+    def __init__(
+        self,
+        fn: Callable[P, R],
+        *,
+        name: str | None,
+        retry: RetryPolicy | int | bool | None,
+        timeout: float | timedelta | None,
+    ) -> None:
+        self.fn = fn
+        self.name = name or fn.__qualname__
+        self.retry = as_policy(retry)
+        self.timeout = seconds(timeout, f"timeout of step {self.name!r}")
+        self.is_async = inspect.iscoroutinefunction(fn)
+        hints = _codec.resolve_hints(fn)
+        self.return_type: Any = hints.get("return", inspect.Parameter.empty)
+        functools.update_wrapper(self, fn)
+
+    def __repr__(self) -> str:
+        return f"<crashsafe step {self.name!r}>"
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        ctx = _WORKFLOW.get()
+        if ctx is None:
+            raise NotInWorkflowError(
+                f"step {self.name!r} was called outside a workflow. Call it from a function "
+                f"decorated with @app.workflow, or call {self.name}.fn(...) to run the plain "
+                "function without durability."
+            )
+        if _STEP.get() is not None:
+            return self.fn(*args, **kwargs)  # a step inside a step is part of its body
+        if self.is_async:
+            if not ctx.is_async:
+                raise NotInWorkflowError(
+                    f"async step {self.name!r} was called from sync workflow "
+                    f"{ctx.workflow_name!r}; make the workflow async or the step sync"
+                )
+            idx, entry = ctx.begin("step", self.name)
+            return self._run_async(ctx, idx, entry, args, kwargs)  # type: ignore[return-value]
+        idx, entry = ctx.begin("step", self.name)
+        if entry is not None:
+            return self._replay(entry)
+        return self._run_sync(ctx, idx, args, kwargs)
+
+    # -- replay -------------------------------------------------------------------------
+    def _replay(self, entry: JournalEntry) -> R:
+        if entry.error is not None:
+            raise step_failure(self.name, entry.error)
+        value = _codec.decode(entry.output or b"null", f"result of step {self.name!r}")
+        return _codec.rebuild(value, self.return_type, f"result of step {self.name!r}")  # type: ignore[no-any-return]
+
+    # -- first run ----------------------------------------------------------------------
+    def _info(self, ctx: WorkflowContext, idx: int, attempt: int) -> Current:
+        return Current(ctx.workflow_id, ctx.workflow_name, idx, self.name, attempt,
+                       idempotency_key(ctx.workflow_id, idx))
+
+    def _record_result(self, ctx: WorkflowContext, idx: int, result: Any, attempts: int,
+                       started: float) -> JournalEntry:
+        what = f"result of step {self.name!r}"
+        data, structured = _codec.encode(result, what)
+        if structured and not _codec.needs_type(self.return_type):
+            raise SerializationError(
+                f"{what} holds a {type(result).__qualname__} (a dataclass, model or enum) "
+                "but the step has no return annotation; annotate the return type so replay "
+                "can rebuild the same object"
+            )
+        return JournalEntry(ctx.workflow_id, idx, "step", self.name, data, None, attempts,
+                            started, time.time())
+
+    def _record_error(self, ctx: WorkflowContext, idx: int, exc: Exception, attempts: int,
+                      started: float) -> JournalEntry:
+        return JournalEntry(ctx.workflow_id, idx, "step", self.name, None, error_payload(exc),
+                            attempts, started, time.time())
+
+    def _call_with_timeout(self, args: Any, kwargs: Any) -> R:
+        if self.timeout is None:
+            return self.fn(*args, **kwargs)
+        box: list[Any] = []
+        run = contextvars.copy_context().run
+
+        def target() -> None:
+            try:
+                box.append((True, run(self.fn, *args, **kwargs)))
+            except BaseException as exc:  # handed to the calling thread
+                box.append((False, exc))
+
+        worker = threading.Thread(target=target, name=f"crashsafe-step-{self.name}", daemon=True)
+        worker.start()
+        worker.join(self.timeout)
+        if not box:
+            raise StepTimeoutError(
+                f"step {self.name!r} ran longer than its timeout of {self.timeout:g} s "
+                "(its thread is left to finish in the background)"
+            )
+        ok, value = box[0]
+        if ok:
+            return value  # type: ignore[no-any-return]
+        raise value
+
+    def _run_sync(self, ctx: WorkflowContext, idx: int, args: Any, kwargs: Any) -> R:
+        started = time.time()
+        attempt = 0
+        while True:
+            attempt += 1
+            token = _STEP.set(self._info(ctx, idx, attempt))
+            try:
+                result = self._call_with_timeout(args, kwargs)
+            except Exception as exc:
+                wait = self.retry.delay(attempt, exc)
+                if wait is None:
+                    ctx.commit([self._record_error(ctx, idx, exc, attempt, started)])
+                    ctx.executed += 1
+                    raise live_step_failure(self.name, exc)  # noqa: B904 - cause set inside
+                ctx.cancel_event.wait(wait)
+                ctx.check_interrupt()
+                continue
+            finally:
+                _STEP.reset(token)
+            ctx.commit([self._record_result(ctx, idx, result, attempt, started)])
+            ctx.executed += 1
+            return result
+
+    async def _run_async(self, ctx: WorkflowContext, idx: int, entry: JournalEntry | None,
+                         args: Any, kwargs: Any) -> Any:
+        if entry is not None:
+            return self._replay(entry)
+        started = time.time()
+        attempt = 0
+        fn: Callable[..., Awaitable[Any]] = self.fn  # type: ignore[assignment]
+        while True:
+            attempt += 1
+            token = _STEP.set(self._info(ctx, idx, attempt))
+            try:
+                if self.timeout is None:
+                    result = await fn(*args, **kwargs)
+                else:
+                    try:
+                        result = await asyncio.wait_for(fn(*args, **kwargs), self.timeout)
+                    except TimeoutError:
+                        raise StepTimeoutError(
+                            f"step {self.name!r} ran longer than its timeout of "
+                            f"{self.timeout:g} s"
+                        ) from None
+            except Exception as exc:
+                wait = self.retry.delay(attempt, exc)
+                if wait is None:
+                    await ctx.commit_async([self._record_error(ctx, idx, exc, attempt, started)])
+                    ctx.executed += 1
+                    raise live_step_failure(self.name, exc)  # noqa: B904 - cause set inside
+                await asyncio.sleep(wait)
+                ctx.check_interrupt()
+                continue
+            finally:
+                _STEP.reset(token)
+            await ctx.commit_async([self._record_result(ctx, idx, result, attempt, started)])
+            ctx.executed += 1
+            return result

@@ -1,0 +1,210 @@
+"""Workflow definitions: argument encoding, typed rebuild, and the run loop."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
+
+from . import _codec
+from ._context import _WORKFLOW, WorkflowContext, _ReplayEnd, _Shutdown
+from ._errors import error_payload, live_workflow_failure
+from .exceptions import (
+    NondeterminismError,
+    SerializationError,
+    StoreConflictError,
+    StoreError,
+    WorkflowCancelled,
+)
+from .stores.base import FinishWorkflow, Status
+
+if TYPE_CHECKING:
+    from ._app import App
+    from ._handle import WorkflowHandle
+
+_EMPTY: Any = inspect.Parameter.empty
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class Outcome:
+    """How a run in this process ended, for handles waiting in the same process."""
+
+    __slots__ = ("error", "kind", "value")
+
+    def __init__(self, kind: str, value: Any = None, error: BaseException | None = None) -> None:
+        self.kind = kind  # "ok", "error", "cancelled", "dead_letter", "store_error", "aborted"
+        self.value = value
+        self.error = error
+
+
+class Workflow(Generic[P, R]):
+    """A function decorated with ``@app.workflow``; start it with ``app.start``."""
+
+    def __init__(self, app: App, fn: Callable[P, R], *, name: str | None, version: str) -> None:
+        self.app = app
+        self.fn = fn
+        self.name = name or fn.__qualname__
+        self.version = str(version)
+        self.is_async = inspect.iscoroutinefunction(fn)
+        self.signature = inspect.signature(fn)
+        self._hints: dict[str, Any] | None = None
+        functools.update_wrapper(self, fn)
+
+    def __repr__(self) -> str:
+        return f"<crashsafe workflow {self.name!r} version {self.version!r}>"
+
+    @property
+    def hints(self) -> dict[str, Any]:
+        if self._hints is None:
+            self._hints = _codec.resolve_hints(self.fn)
+        return self._hints
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Run as a workflow and wait for its result (a child workflow inside a workflow)."""
+        if self.is_async:
+            return self._call_async(*args, **kwargs)  # type: ignore[return-value]
+        handle: WorkflowHandle[R] = self.app.start(self, *args, **kwargs)  # type: ignore[arg-type]
+        return handle.result()
+
+    async def _call_async(self, *args: Any, **kwargs: Any) -> Any:
+        handle = await self.app.start_async(self, *args, **kwargs)
+        return await handle.result_async()
+
+    # -- arguments --------------------------------------------------------------------
+    def encode_inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
+        """Serialize the arguments now, so a bad one fails at start and not at recovery."""
+        try:
+            bound = self.signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise TypeError(f"workflow {self.name!r}: {exc}") from None
+        for pname, value in bound.arguments.items():
+            what = f"argument {pname!r} of workflow {self.name!r}"
+            _, structured = _codec.encode(value, what)
+            if structured and not _codec.needs_type(self.hints.get(pname, _EMPTY)):
+                raise SerializationError(
+                    f"{what} holds a dataclass, model or enum but the parameter has no type "
+                    "annotation; annotate it so recovery can rebuild the same object"
+                )
+        data, _ = _codec.encode({"args": list(args), "kwargs": kwargs},
+                                f"arguments of workflow {self.name!r}")
+        return data
+
+    def decode_inputs(self, data: bytes, workflow_id: str) -> tuple[list[Any], dict[str, Any]]:
+        raw = _codec.decode(data, f"arguments of workflow {workflow_id!r}")
+        if not isinstance(raw, dict):
+            raw = {}
+        args = list(raw.get("args") or [])
+        kwargs = dict(raw.get("kwargs") or {})
+        params = list(self.signature.parameters.values())
+        positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        var_pos = next((p for p in params if p.kind is p.VAR_POSITIONAL), None)
+        var_kw = next((p for p in params if p.kind is p.VAR_KEYWORD), None)
+        hints = self.hints
+        for i, value in enumerate(args):
+            param = positional[i] if i < len(positional) else var_pos
+            if param is None:
+                break
+            args[i] = _codec.rebuild(value, hints.get(param.name, _EMPTY),
+                                     f"argument {param.name!r} of workflow {workflow_id!r}")
+        for key, value in kwargs.items():
+            tp = hints.get(key, hints.get(var_kw.name, _EMPTY) if var_kw else _EMPTY)
+            kwargs[key] = _codec.rebuild(value, tp, f"argument {key!r} of workflow {workflow_id!r}")
+        return args, kwargs
+
+    def encode_result(self, value: Any) -> bytes:
+        what = f"result of workflow {self.name!r}"
+        data, structured = _codec.encode(value, what)
+        if structured and not _codec.needs_type(self.hints.get("return", _EMPTY)):
+            raise SerializationError(
+                f"{what} holds a dataclass, model or enum but the workflow has no return "
+                "annotation; annotate it so readers can rebuild the same object"
+            )
+        return data
+
+    def decode_result(self, data: bytes | None, workflow_id: str) -> Any:
+        value = _codec.decode(data or b"null", f"result of workflow {workflow_id!r}")
+        return _codec.rebuild(value, self.hints.get("return", _EMPTY),
+                              f"result of workflow {workflow_id!r}")
+
+
+def _finish_op(ctx: WorkflowContext, status: Status, output: bytes | None = None,
+               error: bytes | None = None, reason: str | None = None) -> FinishWorkflow:
+    return FinishWorkflow(ctx.workflow_id, ctx.app.executor_id, status, output, error, reason,
+                          time.time())
+
+
+def _settle_success(wf: Workflow[Any, Any], ctx: WorkflowContext, value: Any) -> Outcome:
+    ctx.leftover_check()
+    if ctx.check_only:
+        return Outcome("ok", value)
+    data = wf.encode_result(value)
+    ctx.commit([_finish_op(ctx, Status.SUCCEEDED, output=data)])
+    return Outcome("ok", value)
+
+
+def _on_failure(wf: Workflow[Any, Any], ctx: WorkflowContext, exc: BaseException) -> Outcome:
+    """Decide what a workflow that raised becomes; returns the outcome to report."""
+    if isinstance(exc, WorkflowCancelled):
+        return Outcome("cancelled", error=exc)
+    if isinstance(exc, _Shutdown | _ReplayEnd):
+        return Outcome("aborted", error=exc)
+    if isinstance(exc, StoreConflictError):
+        return Outcome("aborted", error=exc)  # another executor owns it now
+    if isinstance(exc, StoreError):
+        # Nothing could be recorded; the workflow stays `running` and is recovered
+        # when the store works again.
+        return Outcome("store_error", error=exc)
+    if ctx.check_only:
+        return Outcome("error", error=exc)
+    if isinstance(exc, NondeterminismError):
+        reason = f"nondeterminism: {exc}"
+        ctx.app.store.set_status(ctx.workflow_id, Status.DEAD_LETTER, only_from=(Status.RUNNING,),
+                                 reason=reason, clear_owner=True)
+        return Outcome("dead_letter", error=exc)
+    if not isinstance(exc, Exception):
+        return Outcome("aborted", error=exc)  # KeyboardInterrupt, SystemExit: not recorded
+    try:
+        ctx.commit([_finish_op(ctx, Status.FAILED, error=error_payload(exc))])
+    except StoreError as store_exc:
+        return Outcome("store_error", error=store_exc)
+    return Outcome("error", error=live_workflow_failure(ctx.workflow_id, exc))
+
+
+def run_sync(wf: Workflow[Any, Any], ctx: WorkflowContext, args: list[Any],
+             kwargs: dict[str, Any]) -> Outcome:
+    token = _WORKFLOW.set(ctx)
+    try:
+        try:
+            value = wf.fn(*args, **kwargs)
+        except BaseException as exc:
+            return _on_failure(wf, ctx, exc)
+        try:
+            return _settle_success(wf, ctx, value)
+        except Exception as exc:
+            return _on_failure(wf, ctx, exc)
+    finally:
+        _WORKFLOW.reset(token)
+
+
+async def run_async(wf: Workflow[Any, Any], ctx: WorkflowContext, args: list[Any],
+                    kwargs: dict[str, Any]) -> Outcome:
+    token = _WORKFLOW.set(ctx)
+    try:
+        try:
+            value = await wf.fn(*args, **kwargs)
+        except BaseException as exc:
+            return _on_failure(wf, ctx, exc)
+        try:
+            ctx.leftover_check()
+            if ctx.check_only:
+                return Outcome("ok", value)
+            data = wf.encode_result(value)
+            await ctx.commit_async([_finish_op(ctx, Status.SUCCEEDED, output=data)])
+            return Outcome("ok", value)
+        except Exception as exc:
+            return _on_failure(wf, ctx, exc)
+    finally:
+        _WORKFLOW.reset(token)

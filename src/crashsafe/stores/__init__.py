@@ -1,0 +1,66 @@
+"""Storage backends and the URL that picks one."""
+
+from __future__ import annotations
+
+import os
+
+from ..exceptions import ConfigurationError
+from .base import (
+    ClaimResult,
+    ExecutorRecord,
+    FinishWorkflow,
+    JournalEntry,
+    ListFilter,
+    Op,
+    Status,
+    Store,
+    WorkflowRecord,
+)
+from .memory import MemoryStore
+
+DEFAULT_URL = "sqlite:///crashsafe.db"
+
+
+def default_url() -> str:
+    """``$CRASHSAFE_DATABASE``, else ``sqlite:///crashsafe.db``."""
+    return os.environ.get("CRASHSAFE_DATABASE") or DEFAULT_URL
+
+
+def open_store(url: str | None = None) -> Store:
+    """Open the store a URL names: ``sqlite:///file.db`` or ``memory://``."""
+    url = url or default_url()
+    if not isinstance(url, str):
+        raise ConfigurationError(f"database URL must be a string, not {type(url).__name__}")
+    scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+    if scheme == "sqlite":
+        from .sqlite import SQLiteStore
+
+        return SQLiteStore(url)
+    if scheme == "memory":
+        return MemoryStore(url)
+    if scheme in ("postgresql", "postgres"):
+        raise ConfigurationError(
+            f"{url!r}: the PostgreSQL store is not available in this version of crashsafe; "
+            "use sqlite:///path.db for now"
+        )
+    raise ConfigurationError(
+        f"unsupported database URL {url!r}: use sqlite:///relative.db, "
+        "sqlite:////absolute/path.db or memory://"
+    )
+
+
+__all__ = [
+    "DEFAULT_URL",
+    "ClaimResult",
+    "ExecutorRecord",
+    "FinishWorkflow",
+    "JournalEntry",
+    "ListFilter",
+    "MemoryStore",
+    "Op",
+    "Status",
+    "Store",
+    "WorkflowRecord",
+    "default_url",
+    "open_store",
+]

@@ -1,0 +1,188 @@
+"""The storage contract every backend implements.
+
+The contract is deliberately narrow: the engine asks for whole records and hands
+over batches of writes; it never issues SQL. A backend passes when it passes
+``tests/store_conformance.py`` unchanged.
+
+Writes that make up a step's progress (journal entries, a workflow's end) arrive
+as *batches* through :meth:`Store.apply`: one call may hold the batches of many
+concurrently running workflows, and the backend applies all of them in one
+transaction (group commit). If the combined transaction fails because of one
+batch, the backend retries the batches one by one so only the offender fails.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+
+class Status(enum.StrEnum):
+    """Lifecycle of a workflow."""
+
+    RUNNING = "running"
+    """Started and owned by an executor (or awaiting recovery if its owner died)."""
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    DEAD_LETTER = "dead_letter"
+    """Parked after repeated crashed recoveries or a nondeterminism; resume by hand."""
+
+    @property
+    def terminal(self) -> bool:
+        return self is not Status.RUNNING
+
+
+ACTIVE_STATUSES = (Status.RUNNING,)
+
+
+@dataclass(slots=True)
+class WorkflowRecord:
+    """One workflow row."""
+
+    id: str
+    name: str
+    version: str
+    status: Status
+    inputs: bytes
+    created_at: float
+    updated_at: float
+    owner: str | None = None
+    parent_id: str | None = None
+    output: bytes | None = None
+    error: bytes | None = None
+    recovery_attempts: int = 0
+    reason: str | None = None
+
+
+@dataclass(slots=True)
+class JournalEntry:
+    """One durable call made by a workflow: a step, a timer, a journaled value."""
+
+    workflow_id: str
+    index: int
+    kind: str
+    """``step``, ``now``, ``uuid``, ``random``, ``sleep``, ``child`` or ``patch``."""
+    name: str
+    output: bytes | None = None
+    error: bytes | None = None
+    attempts: int = 1
+    started_at: float = 0.0
+    ended_at: float = 0.0
+
+
+@dataclass(slots=True)
+class ExecutorRecord:
+    """A process that runs workflows; ``owner`` of a workflow names one of these."""
+
+    id: str
+    hostname: str
+    pid: int
+    pid_start: str
+    started_at: float
+    heartbeat_at: float
+    stopped: bool = False
+
+
+@dataclass(slots=True)
+class FinishWorkflow:
+    """Write op: record a workflow's end, only if it is still running under ``owner``."""
+
+    workflow_id: str
+    owner: str
+    status: Status
+    output: bytes | None = None
+    error: bytes | None = None
+    reason: str | None = None
+    at: float = 0.0
+
+
+Op = JournalEntry | FinishWorkflow
+
+
+@dataclass(slots=True)
+class ClaimResult:
+    """Outcome of trying to take over a workflow from a dead executor."""
+
+    claimed: bool
+    dead_lettered: bool = False
+    record: WorkflowRecord | None = None
+
+
+@dataclass(slots=True)
+class ListFilter:
+    status: Status | None = None
+    name: str | None = None
+    limit: int = 100
+    id_prefix: str | None = None
+
+
+@runtime_checkable
+class Store(Protocol):
+    """What the engine needs from a database. All methods are thread-safe."""
+
+    url: str
+
+    def apply(self, batches: Sequence[Sequence[Op]]) -> list[BaseException | None]:
+        """Apply many batches durably in one transaction; return one error (or None) each.
+
+        Must not return before the data is durable at the store's durability level.
+        """
+        ...
+
+    def create_workflow(self, record: WorkflowRecord) -> tuple[WorkflowRecord, bool]:
+        """Insert ``record`` unless its id exists; return the stored row and whether it was new."""
+        ...
+
+    def get_workflow(self, workflow_id: str) -> WorkflowRecord | None: ...
+
+    def list_workflows(self, flt: ListFilter) -> list[WorkflowRecord]:
+        """Newest first."""
+        ...
+
+    def load_journal(self, workflow_id: str) -> list[JournalEntry]:
+        """Entries ordered by index."""
+        ...
+
+    def running_workflows(self, exclude_owner: str) -> list[tuple[str, str | None, str]]:
+        """``(id, owner, name)`` of running workflows not owned by ``exclude_owner``."""
+        ...
+
+    def claim_workflow(
+        self, workflow_id: str, expected_owner: str | None, new_owner: str, max_recoveries: int
+    ) -> ClaimResult:
+        """Atomically move a running workflow from ``expected_owner`` to ``new_owner``.
+
+        Counts a recovery; past ``max_recoveries`` the workflow becomes a dead letter
+        instead. Fails (``claimed=False``) when the owner changed meanwhile.
+        """
+        ...
+
+    def set_status(
+        self,
+        workflow_id: str,
+        status: Status,
+        *,
+        only_from: Sequence[Status],
+        reason: str | None = None,
+        clear_owner: bool = False,
+        reset_recoveries: bool = False,
+    ) -> WorkflowRecord | None:
+        """Change status if the current one is in ``only_from``; return the new row or None."""
+        ...
+
+    def cancelled_among(self, workflow_ids: Sequence[str]) -> list[str]:
+        """Which of these workflows have been cancelled (or otherwise left ``running``)."""
+        ...
+
+    def register_executor(self, record: ExecutorRecord) -> None: ...
+
+    def heartbeat(self, executor_id: str, at: float) -> None: ...
+
+    def stop_executor(self, executor_id: str) -> None: ...
+
+    def get_executors(self, ids: Sequence[str]) -> dict[str, ExecutorRecord]: ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,177 @@
+"""An in-memory store for fast engine tests and for users' own tests.
+
+Same contract as the SQLite store, no durability: everything is gone when the
+process exits. Two :class:`~crashsafe.App` objects in one process can share one
+``MemoryStore`` to simulate a crash and a recovery (see :mod:`crashsafe.testing`).
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from collections.abc import Sequence
+
+from ..exceptions import StoreConflictError
+from .base import (
+    ClaimResult,
+    ExecutorRecord,
+    FinishWorkflow,
+    JournalEntry,
+    ListFilter,
+    Op,
+    Status,
+    WorkflowRecord,
+)
+
+
+class MemoryStore:
+    """Thread-safe dictionaries behind the :class:`~crashsafe.stores.base.Store` contract."""
+
+    def __init__(self, url: str = "memory://") -> None:
+        self.url = url
+        self._lock = threading.Lock()
+        self._workflows: dict[str, WorkflowRecord] = {}
+        self._journal: dict[str, dict[int, JournalEntry]] = {}
+        self._executors: dict[str, ExecutorRecord] = {}
+
+    # -- writes ---------------------------------------------------------------------
+    def apply(self, batches: Sequence[Sequence[Op]]) -> list[BaseException | None]:
+        with self._lock:
+            return [self._apply_one(ops) for ops in batches]
+
+    def _apply_one(self, ops: Sequence[Op]) -> BaseException | None:
+        # Validate first so a failing batch leaves nothing behind (one transaction).
+        for op in ops:
+            if isinstance(op, JournalEntry) and op.index in self._journal.get(op.workflow_id, {}):
+                return StoreConflictError(
+                    f"workflow {op.workflow_id!r} already has a journal entry at index "
+                    f"{op.index}; another executor is running it"
+                )
+        for op in ops:
+            if isinstance(op, JournalEntry):
+                self._journal.setdefault(op.workflow_id, {})[op.index] = copy.copy(op)
+            else:
+                self._finish(op)
+        return None
+
+    def _finish(self, op: FinishWorkflow) -> None:
+        rec = self._workflows.get(op.workflow_id)
+        if rec is None or rec.status is not Status.RUNNING or rec.owner != op.owner:
+            return
+        rec.status = op.status
+        rec.output = op.output
+        rec.error = op.error
+        rec.reason = op.reason
+        rec.updated_at = op.at
+
+    def create_workflow(self, record: WorkflowRecord) -> tuple[WorkflowRecord, bool]:
+        with self._lock:
+            existing = self._workflows.get(record.id)
+            if existing is not None:
+                return copy.copy(existing), False
+            self._workflows[record.id] = copy.copy(record)
+            return copy.copy(record), True
+
+    def claim_workflow(
+        self, workflow_id: str, expected_owner: str | None, new_owner: str, max_recoveries: int
+    ) -> ClaimResult:
+        with self._lock:
+            rec = self._workflows.get(workflow_id)
+            if rec is None or rec.status is not Status.RUNNING or rec.owner != expected_owner:
+                return ClaimResult(claimed=False)
+            rec.recovery_attempts += 1
+            if rec.recovery_attempts > max_recoveries:
+                rec.status = Status.DEAD_LETTER
+                rec.owner = None
+                rec.reason = (
+                    f"recovered {max_recoveries} times without finishing (the process "
+                    "probably crashes while running it); fix the cause, then "
+                    "`crashsafe resume`"
+                )
+                return ClaimResult(claimed=False, dead_lettered=True, record=copy.copy(rec))
+            rec.owner = new_owner
+            return ClaimResult(claimed=True, record=copy.copy(rec))
+
+    def set_status(
+        self,
+        workflow_id: str,
+        status: Status,
+        *,
+        only_from: Sequence[Status],
+        reason: str | None = None,
+        clear_owner: bool = False,
+        reset_recoveries: bool = False,
+    ) -> WorkflowRecord | None:
+        with self._lock:
+            rec = self._workflows.get(workflow_id)
+            if rec is None or rec.status not in only_from:
+                return None
+            rec.status = status
+            rec.reason = reason
+            if clear_owner:
+                rec.owner = None
+            if reset_recoveries:
+                rec.recovery_attempts = 0
+            return copy.copy(rec)
+
+    def register_executor(self, record: ExecutorRecord) -> None:
+        with self._lock:
+            self._executors[record.id] = copy.copy(record)
+
+    def heartbeat(self, executor_id: str, at: float) -> None:
+        with self._lock:
+            rec = self._executors.get(executor_id)
+            if rec is not None:
+                rec.heartbeat_at = at
+
+    def stop_executor(self, executor_id: str) -> None:
+        with self._lock:
+            rec = self._executors.get(executor_id)
+            if rec is not None:
+                rec.stopped = True
+
+    # -- reads ----------------------------------------------------------------------
+    def get_workflow(self, workflow_id: str) -> WorkflowRecord | None:
+        with self._lock:
+            rec = self._workflows.get(workflow_id)
+            return copy.copy(rec) if rec is not None else None
+
+    def list_workflows(self, flt: ListFilter) -> list[WorkflowRecord]:
+        with self._lock:
+            rows = [
+                copy.copy(r)
+                for r in self._workflows.values()
+                if (flt.status is None or r.status is flt.status)
+                and (flt.name is None or r.name == flt.name)
+                and (flt.id_prefix is None or r.id.startswith(flt.id_prefix))
+            ]
+        rows.sort(key=lambda r: (r.created_at, r.id), reverse=True)
+        return rows[: flt.limit]
+
+    def load_journal(self, workflow_id: str) -> list[JournalEntry]:
+        with self._lock:
+            entries = self._journal.get(workflow_id, {})
+            return [copy.copy(entries[i]) for i in sorted(entries)]
+
+    def running_workflows(self, exclude_owner: str) -> list[tuple[str, str | None, str]]:
+        with self._lock:
+            return [
+                (r.id, r.owner, r.name)
+                for r in self._workflows.values()
+                if r.status is Status.RUNNING and r.owner != exclude_owner
+            ]
+
+    def cancelled_among(self, workflow_ids: Sequence[str]) -> list[str]:
+        with self._lock:
+            return [
+                i
+                for i in workflow_ids
+                if (r := self._workflows.get(i)) is not None and r.status is not Status.RUNNING
+            ]
+
+    def get_executors(self, ids: Sequence[str]) -> dict[str, ExecutorRecord]:
+        with self._lock:
+            return {i: copy.copy(self._executors[i]) for i in ids if i in self._executors}
+
+    def close(self) -> None:
+        """Nothing to release; the data stays for other apps sharing this store."""

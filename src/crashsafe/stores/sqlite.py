@@ -1,0 +1,468 @@
+"""The embedded default: one SQLite file, WAL mode, ``synchronous=FULL``.
+
+``synchronous=FULL`` makes every commit durable against power loss (one fsync of the
+WAL per commit). ``?synchronous=normal`` in the URL trades that for speed: a commit
+is still safe against a crashed or killed *process* (the WAL write is in the OS page
+cache before the call returns), but the last commits may be lost if the *machine*
+loses power.
+
+Several processes may share one file: every write transaction starts with
+``BEGIN IMMEDIATE`` and waits on the busy timeout instead of failing with
+"database is locked".
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from ..exceptions import (
+    ConfigurationError,
+    StoreConflictError,
+    StoreError,
+    StoreFullError,
+    StoreUnavailableError,
+)
+from .base import (
+    ClaimResult,
+    ExecutorRecord,
+    FinishWorkflow,
+    JournalEntry,
+    ListFilter,
+    Op,
+    Status,
+    WorkflowRecord,
+)
+
+SCHEMA_VERSION = 1
+
+# Each entry upgrades the schema from version i to i + 1. Never edit a shipped entry:
+# append a new one.
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE workflows (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        version TEXT NOT NULL,
+        status TEXT NOT NULL,
+        inputs BLOB NOT NULL,
+        output BLOB,
+        error BLOB,
+        owner TEXT,
+        parent_id TEXT,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        recovery_attempts INTEGER NOT NULL DEFAULT 0,
+        reason TEXT
+    );
+    CREATE INDEX workflows_status ON workflows (status, owner);
+    CREATE INDEX workflows_created ON workflows (created_at);
+    CREATE TABLE journal (
+        workflow_id TEXT NOT NULL,
+        idx INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        name TEXT NOT NULL,
+        output BLOB,
+        error BLOB,
+        attempts INTEGER NOT NULL,
+        started_at REAL NOT NULL,
+        ended_at REAL NOT NULL,
+        PRIMARY KEY (workflow_id, idx)
+    ) WITHOUT ROWID;
+    CREATE TABLE executors (
+        id TEXT PRIMARY KEY,
+        hostname TEXT NOT NULL,
+        pid INTEGER NOT NULL,
+        pid_start TEXT NOT NULL,
+        started_at REAL NOT NULL,
+        heartbeat_at REAL NOT NULL,
+        stopped INTEGER NOT NULL DEFAULT 0
+    );
+    """,
+]
+
+_WF_COLS = (
+    "id, name, version, status, inputs, output, error, owner, parent_id, created_at, "
+    "updated_at, recovery_attempts, reason"
+)
+_INSERT_ENTRY = (
+    "INSERT INTO journal (workflow_id, idx, kind, name, output, error, attempts, started_at, "
+    "ended_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_FINISH = (
+    "UPDATE workflows SET status = ?, output = ?, error = ?, reason = ?, updated_at = ? "
+    "WHERE id = ? AND status = 'running' AND owner = ?"
+)
+
+
+def parse_sqlite_url(url: str) -> tuple[str, dict[str, str]]:
+    """``sqlite:///relative.db``, ``sqlite:////abs/path.db`` -> (path, options)."""
+    parts = urlsplit(url)
+    if parts.scheme != "sqlite":
+        raise ConfigurationError(f"not a sqlite URL: {url!r}")
+    if parts.netloc:
+        raise ConfigurationError(
+            f"bad SQLite URL {url!r}: use three slashes for a relative path "
+            "(sqlite:///agent.db) and four for an absolute one (sqlite:////var/lib/agent.db)"
+        )
+    path = unquote(parts.path[1:] if parts.path.startswith("/") else parts.path)
+    if not path:
+        raise ConfigurationError(f"bad SQLite URL {url!r}: no file path (sqlite:///agent.db)")
+    options = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
+    unknown = set(options) - {"synchronous", "busy_timeout"}
+    if unknown:
+        raise ConfigurationError(
+            f"unknown SQLite URL option(s) {sorted(unknown)} in {url!r}; "
+            "known: synchronous=full|normal, busy_timeout=SECONDS"
+        )
+    return path, options
+
+
+def _translate(exc: sqlite3.Error, doing: str) -> StoreError:
+    msg = str(exc)
+    low = msg.lower()
+    if "full" in low:
+        return StoreFullError(
+            f"{doing}: the disk is full ({msg}); free space and retry — nothing of this "
+            "write was kept and everything committed before it is intact"
+        )
+    if isinstance(exc, sqlite3.IntegrityError):
+        return StoreConflictError(f"{doing}: {msg}")
+    if "readonly" in low or "read-only" in low:
+        return StoreError(f"{doing}: the database is read-only ({msg})")
+    if "not a database" in low or "malformed" in low:
+        return StoreUnavailableError(f"{doing}: the file is not a usable SQLite database ({msg})")
+    if "unable to open" in low:
+        return StoreUnavailableError(f"{doing}: cannot open the database file ({msg})")
+    return StoreError(f"{doing}: {msg}")
+
+
+def _row_to_workflow(row: tuple[Any, ...]) -> WorkflowRecord:
+    return WorkflowRecord(
+        id=row[0], name=row[1], version=row[2], status=Status(row[3]), inputs=row[4],
+        output=row[5], error=row[6], owner=row[7], parent_id=row[8], created_at=row[9],
+        updated_at=row[10], recovery_attempts=row[11], reason=row[12],
+    )
+
+
+class SQLiteStore:
+    """The :class:`~crashsafe.stores.base.Store` contract on one SQLite file."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        path, options = parse_sqlite_url(url)
+        sync = options.get("synchronous", "full").lower()
+        if sync not in ("full", "normal"):
+            raise ConfigurationError(
+                f"synchronous={sync!r} in {url!r}: use 'full' (durable against power loss, "
+                "the default) or 'normal' (durable against process crashes only)"
+            )
+        try:
+            busy = float(options.get("busy_timeout", "60"))
+        except ValueError:
+            raise ConfigurationError(f"busy_timeout in {url!r} must be a number of seconds") \
+                from None
+        self.path = path
+        self.synchronous = sync
+        parent = Path(path).parent
+        if not parent.exists():
+            raise StoreUnavailableError(
+                f"cannot open {url!r}: directory {str(parent)!r} does not exist"
+            )
+        self._wlock = threading.Lock()
+        self._rlock = threading.Lock()
+        try:
+            self._w = self._connect(path, busy, sync)
+            self._migrate()
+            self._r = self._connect(path, busy, sync)
+        except sqlite3.Error as exc:
+            raise _translate(exc, f"opening {url!r}") from exc
+
+    @staticmethod
+    def _connect(path: str, busy: float, sync: str) -> sqlite3.Connection:
+        conn = sqlite3.connect(path, timeout=busy, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={'FULL' if sync == 'full' else 'NORMAL'}")
+        conn.execute("PRAGMA foreign_keys=OFF")
+        return conn
+
+    def _migrate(self) -> None:
+        with self._wlock:
+            conn = self._w
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                current = conn.execute("PRAGMA user_version").fetchone()[0]
+                if current > SCHEMA_VERSION:
+                    raise ConfigurationError(
+                        f"{self.url!r} has schema version {current}, newer than this crashsafe "
+                        f"understands ({SCHEMA_VERSION}); upgrade crashsafe"
+                    )
+                for version in range(current, SCHEMA_VERSION):
+                    for statement in MIGRATIONS[version].split(";"):
+                        if statement.strip():
+                            conn.execute(statement)
+                    conn.execute(f"PRAGMA user_version = {version + 1}")
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+
+    @contextmanager
+    def _write(self, doing: str) -> Iterator[sqlite3.Connection]:
+        with self._wlock:
+            conn = self._w
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                yield conn
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise _translate(exc, doing) from exc
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+
+    def _read(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        with self._rlock:
+            try:
+                return self._r.execute(sql, params).fetchall()
+            except sqlite3.Error as exc:
+                raise _translate(exc, "reading") from exc
+
+    # -- group commit -----------------------------------------------------------------
+    def apply(self, batches: Sequence[Sequence[Op]]) -> list[BaseException | None]:
+        with self._wlock:
+            try:
+                self._apply_txn(batches)
+                return [None] * len(batches)
+            except sqlite3.IntegrityError as exc:
+                if len(batches) == 1:
+                    return [self._conflict(batches[0], exc)]
+            except sqlite3.Error as exc:
+                err = _translate(exc, "committing the journal")
+                return [err] * len(batches)
+            # One batch broke the shared transaction: apply them one by one.
+            results: list[BaseException | None] = []
+            for ops in batches:
+                try:
+                    self._apply_txn([ops])
+                    results.append(None)
+                except sqlite3.IntegrityError as exc:
+                    results.append(self._conflict(ops, exc))
+                except sqlite3.Error as exc:
+                    results.append(_translate(exc, "committing the journal"))
+            return results
+
+    @staticmethod
+    def _conflict(ops: Sequence[Op], exc: sqlite3.Error) -> StoreConflictError:
+        wf = next((op.workflow_id for op in ops), "?")
+        return StoreConflictError(
+            f"workflow {wf!r}: journal entry already recorded ({exc}); another executor "
+            "is running this workflow"
+        )
+
+    def _apply_txn(self, batches: Sequence[Sequence[Op]]) -> None:
+        conn = self._w
+        entries: list[tuple[Any, ...]] = []
+        finishes: list[tuple[Any, ...]] = []
+        for ops in batches:
+            for op in ops:
+                if type(op) is JournalEntry:
+                    entries.append((op.workflow_id, op.index, op.kind, op.name, op.output,
+                                    op.error, op.attempts, op.started_at, op.ended_at))
+                elif isinstance(op, FinishWorkflow):
+                    finishes.append((op.status.value, op.output, op.error, op.reason, op.at,
+                                     op.workflow_id, op.owner))
+        if len(entries) + len(finishes) == 1:
+            # One statement in autocommit mode is its own transaction: one fsync, one call.
+            if entries:
+                conn.execute(_INSERT_ENTRY, entries[0])
+            else:
+                conn.execute(_FINISH, finishes[0])
+            return
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            if entries:
+                conn.executemany(_INSERT_ENTRY, entries)
+            if finishes:
+                conn.executemany(_FINISH, finishes)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+    # -- other writes -----------------------------------------------------------------
+    def create_workflow(self, record: WorkflowRecord) -> tuple[WorkflowRecord, bool]:
+        with self._write(f"starting workflow {record.id!r}") as conn:
+            cur = conn.execute(
+                f"INSERT INTO workflows ({_WF_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (id) DO NOTHING",
+                (record.id, record.name, record.version, record.status.value, record.inputs,
+                 record.output, record.error, record.owner, record.parent_id, record.created_at,
+                 record.updated_at, record.recovery_attempts, record.reason),
+            )
+            if cur.rowcount == 1:
+                return record, True
+            row = conn.execute(f"SELECT {_WF_COLS} FROM workflows WHERE id = ?",
+                               (record.id,)).fetchone()
+            return _row_to_workflow(row), False
+
+    def claim_workflow(
+        self, workflow_id: str, expected_owner: str | None, new_owner: str, max_recoveries: int
+    ) -> ClaimResult:
+        with self._write(f"recovering workflow {workflow_id!r}") as conn:
+            row = conn.execute(
+                f"SELECT {_WF_COLS} FROM workflows WHERE id = ? AND status = 'running' "
+                "AND owner IS ?",
+                (workflow_id, expected_owner),
+            ).fetchone()
+            if row is None:
+                return ClaimResult(claimed=False)
+            rec = _row_to_workflow(row)
+            rec.recovery_attempts += 1
+            if rec.recovery_attempts > max_recoveries:
+                rec.status = Status.DEAD_LETTER
+                rec.owner = None
+                rec.reason = (
+                    f"recovered {max_recoveries} times without finishing (the process "
+                    "probably crashes while running it); fix the cause, then "
+                    "`crashsafe resume`"
+                )
+                conn.execute(
+                    "UPDATE workflows SET status = ?, owner = NULL, reason = ?, "
+                    "recovery_attempts = ? WHERE id = ?",
+                    (rec.status.value, rec.reason, rec.recovery_attempts, workflow_id),
+                )
+                return ClaimResult(claimed=False, dead_lettered=True, record=rec)
+            rec.owner = new_owner
+            conn.execute(
+                "UPDATE workflows SET owner = ?, recovery_attempts = ? WHERE id = ?",
+                (new_owner, rec.recovery_attempts, workflow_id),
+            )
+            return ClaimResult(claimed=True, record=rec)
+
+    def set_status(
+        self,
+        workflow_id: str,
+        status: Status,
+        *,
+        only_from: Sequence[Status],
+        reason: str | None = None,
+        clear_owner: bool = False,
+        reset_recoveries: bool = False,
+    ) -> WorkflowRecord | None:
+        with self._write(f"changing the status of workflow {workflow_id!r}") as conn:
+            row = conn.execute(f"SELECT {_WF_COLS} FROM workflows WHERE id = ?",
+                               (workflow_id,)).fetchone()
+            if row is None:
+                return None
+            rec = _row_to_workflow(row)
+            if rec.status not in only_from:
+                return None
+            rec.status = status
+            rec.reason = reason
+            if clear_owner:
+                rec.owner = None
+            if reset_recoveries:
+                rec.recovery_attempts = 0
+            conn.execute(
+                "UPDATE workflows SET status = ?, reason = ?, owner = ?, recovery_attempts = ? "
+                "WHERE id = ?",
+                (rec.status.value, rec.reason, rec.owner, rec.recovery_attempts, workflow_id),
+            )
+            return rec
+
+    def register_executor(self, record: ExecutorRecord) -> None:
+        with self._write("registering this process") as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO executors (id, hostname, pid, pid_start, started_at, "
+                "heartbeat_at, stopped) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (record.id, record.hostname, record.pid, record.pid_start, record.started_at,
+                 record.heartbeat_at, int(record.stopped)),
+            )
+
+    def heartbeat(self, executor_id: str, at: float) -> None:
+        with self._write("heartbeat") as conn:
+            conn.execute("UPDATE executors SET heartbeat_at = ? WHERE id = ?", (at, executor_id))
+
+    def stop_executor(self, executor_id: str) -> None:
+        with self._write("stopping this process") as conn:
+            conn.execute("UPDATE executors SET stopped = 1 WHERE id = ?", (executor_id,))
+
+    # -- reads ------------------------------------------------------------------------
+    def get_workflow(self, workflow_id: str) -> WorkflowRecord | None:
+        rows = self._read(f"SELECT {_WF_COLS} FROM workflows WHERE id = ?", (workflow_id,))
+        return _row_to_workflow(rows[0]) if rows else None
+
+    def list_workflows(self, flt: ListFilter) -> list[WorkflowRecord]:
+        where: list[str] = []
+        params: list[Any] = []
+        if flt.status is not None:
+            where.append("status = ?")
+            params.append(flt.status.value)
+        if flt.name is not None:
+            where.append("name = ?")
+            params.append(flt.name)
+        if flt.id_prefix is not None:
+            where.append("substr(id, 1, ?) = ?")
+            params += [len(flt.id_prefix), flt.id_prefix]
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        params.append(max(0, int(flt.limit)))
+        rows = self._read(
+            f"SELECT {_WF_COLS} FROM workflows {clause} ORDER BY created_at DESC, id DESC "
+            "LIMIT ?",
+            params,
+        )
+        return [_row_to_workflow(r) for r in rows]
+
+    def load_journal(self, workflow_id: str) -> list[JournalEntry]:
+        rows = self._read(
+            "SELECT workflow_id, idx, kind, name, output, error, attempts, started_at, ended_at "
+            "FROM journal WHERE workflow_id = ? ORDER BY idx",
+            (workflow_id,),
+        )
+        return [JournalEntry(*r) for r in rows]
+
+    def running_workflows(self, exclude_owner: str) -> list[tuple[str, str | None, str]]:
+        rows = self._read(
+            "SELECT id, owner, name FROM workflows WHERE status = 'running' "
+            "AND (owner IS NULL OR owner != ?)",
+            (exclude_owner,),
+        )
+        return [(r[0], r[1], r[2]) for r in rows]
+
+    def cancelled_among(self, workflow_ids: Sequence[str]) -> list[str]:
+        out: list[str] = []
+        for start in range(0, len(workflow_ids), 500):
+            chunk = list(workflow_ids[start:start + 500])
+            marks = ", ".join("?" * len(chunk))
+            out += [r[0] for r in self._read(
+                f"SELECT id FROM workflows WHERE id IN ({marks}) AND status != 'running'", chunk
+            )]
+        return out
+
+    def get_executors(self, ids: Sequence[str]) -> dict[str, ExecutorRecord]:
+        out: dict[str, ExecutorRecord] = {}
+        for start in range(0, len(ids), 500):
+            chunk = list(ids[start:start + 500])
+            marks = ", ".join("?" * len(chunk))
+            for r in self._read(
+                "SELECT id, hostname, pid, pid_start, started_at, heartbeat_at, stopped "
+                f"FROM executors WHERE id IN ({marks})",
+                chunk,
+            ):
+                out[r[0]] = ExecutorRecord(r[0], r[1], r[2], r[3], r[4], r[5], bool(r[6]))
+        return out
+
+    def close(self) -> None:
+        with self._wlock, self._rlock:
+            self._w.close()
+            self._r.close()
