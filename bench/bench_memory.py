@@ -22,9 +22,12 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import _harness as h
+
+if TYPE_CHECKING:
+    import crashsafe
 
 SCRIPT = Path(__file__).resolve()
 SETTLE_S = 0.5
@@ -64,12 +67,15 @@ def _measure(
     args: argparse.Namespace,
     gauge: Gauge,
     start_all: Callable[[], Callable[[], None]],
+    count_recorded: Callable[[], int] | None = None,
 ) -> h.JsonDict:
     """Shared measurement: baseline RSS, start N, wait parked, RSS, wait done.
 
     ``start_all`` starts the N workflows (after the warm-up, which the caller has run
     and which counts as one parked and one woken) and returns a function that waits
-    for all of them to finish.
+    for all of them to finish. ``count_recorded``, if given, counts from the store how
+    many of the N have their sleep durably recorded; it runs after the RSS reading so
+    its own allocations are not measured.
     """
     n = args.workflows
     base_parked, base_woke = gauge.parked, gauge.woke
@@ -81,6 +87,7 @@ def _measure(
     time.sleep(SETTLE_S)
     rss_parked = h.rss_kib()
     parked = gauge.parked - base_parked
+    recorded = count_recorded() if count_recorded is not None else None
     woke_early = gauge.woke - base_woke
     wait_all()
     total_s = time.perf_counter() - started
@@ -90,7 +97,8 @@ def _measure(
         "sleep_s": args.sleep,
         "parked": parked,
         # Valid only if every workflow was parked at once when RSS was read.
-        "valid": all_parked and woke_early == 0,
+        "valid": all_parked and woke_early == 0 and recorded in (None, n),
+        "sleep_recorded": recorded,
         "woke_before_measure": woke_early,
         "park_s": park_s,
         "total_s": total_s,
@@ -106,14 +114,16 @@ def _measure(
 # -------------------------------------------------------------------- crashsafe
 
 
-def _crashsafe_app(args: argparse.Namespace) -> Any:
+def _crashsafe_app(args: argparse.Namespace) -> crashsafe.App:
     import crashsafe
 
-    return crashsafe.App(f"sqlite:///{args.db}")
+    app = crashsafe.App(f"sqlite:///{args.db}")
+    app.launch()
+    return app
 
 
 def _start_and_measure(
-    args: argparse.Namespace, app: Any, workflow: Any, gauge: Gauge
+    args: argparse.Namespace, app: crashsafe.App, workflow: Any, gauge: Gauge
 ) -> h.JsonDict:
     app.start(workflow, 0.01, workflow_id="warm-up").result(timeout=RESULT_TIMEOUT_S)
 
@@ -129,7 +139,12 @@ def _start_and_measure(
 
         return wait_all
 
-    result = _measure(args, gauge, start_all)
+    def count_recorded() -> int:
+        return sum(
+            any(e.kind == "sleep" for e in app.journal(f"w-{w}")) for w in range(args.workflows)
+        )
+
+    result = _measure(args, gauge, start_all, count_recorded)
     app.close()
     return result
 

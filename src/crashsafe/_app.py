@@ -224,9 +224,14 @@ class App:
     # -- lifecycle ----------------------------------------------------------------------
     def launch(self) -> None:
         """Start serving: register this process, heartbeat, and recover orphans."""
+        if self._ensure_launched():
+            self.recover()
+
+    def _ensure_launched(self) -> bool:
+        """Register and start the heartbeat once; True if this call did it."""
         with self._lock:
             if self._launched:
-                return
+                return False
             if self._closing.is_set():
                 raise InvalidStateError("this App was closed; create a new one")
             self._launched = True
@@ -238,7 +243,7 @@ class App:
         self._background = threading.Thread(target=self._serve, name="crashsafe-heartbeat",
                                             daemon=True)
         self._background.start()
-        self.recover()
+        return True
 
     def __enter__(self) -> App:
         self.launch()
@@ -255,6 +260,7 @@ class App:
             executions = list(self._executions.values())
         for ex in executions:
             ex.ctx.shutdown = True
+            ex.ctx.cancel_event.set()  # wakes durable sleeps; shutdown wins over cancel
         deadline = time.monotonic() + timeout
         clean = all(ex.done.wait(max(0.0, deadline - time.monotonic())) for ex in executions)
         if self._background is not None:
@@ -356,7 +362,6 @@ class App:
     def _create_and_run(self, wf: Workflow[Any, Any], wid: str, inputs: bytes,
                         args: tuple[Any, ...], kwargs: dict[str, Any],
                         parent_id: str | None) -> None:
-        self.launch()
         now = time.time()
         rec = WorkflowRecord(wid, wf.name, wf.version, Status.RUNNING, inputs, now, now,
                              owner=self.executor_id, parent_id=parent_id)
@@ -406,7 +411,7 @@ class App:
         ``max_recoveries`` times becomes a dead letter instead. Returns handles to the
         workflows resumed here.
         """
-        self.launch()
+        self._ensure_launched()
         rows = self.store.running_workflows(self.executor_id)
         if not rows:
             return []

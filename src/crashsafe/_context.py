@@ -87,10 +87,10 @@ class WorkflowContext:
         return self.cancel_event.is_set()
 
     def check_interrupt(self) -> None:
-        if self.cancel_event.is_set():
-            raise WorkflowCancelled(f"workflow {self.workflow_id!r} was cancelled")
         if self.shutdown:
             raise _Shutdown
+        if self.cancel_event.is_set():
+            raise WorkflowCancelled(f"workflow {self.workflow_id!r} was cancelled")
 
     def begin(self, kind: str, name: str) -> tuple[int, JournalEntry | None]:
         """Take the next journal index; return the recorded entry there, if any."""
@@ -123,12 +123,16 @@ class WorkflowContext:
             )
 
     def commit(self, ops: list[Op]) -> None:
+        if self.shutdown:
+            raise _Shutdown
         if self.pending:
             ops = self.pending + ops
             self.pending = []
         self.app._committer.commit(ops)
 
     async def commit_async(self, ops: list[Op]) -> None:
+        if self.shutdown:
+            raise _Shutdown
         if self.pending:
             ops = self.pending + ops
             self.pending = []

@@ -7,6 +7,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
+from ._context import _WORKFLOW, _ReplayEnd
 from ._errors import workflow_failure
 from ._step import seconds
 from .exceptions import (
@@ -73,10 +74,13 @@ class WorkflowHandle(Generic[R]):
             if local is not _POLL:
                 return local  # type: ignore[no-any-return]
         delay = 0.005
+        replaying = _WORKFLOW.get()
         while True:
             rec = self.record()
             if rec.status.terminal:
                 return self._from_record(rec)  # type: ignore[no-any-return]
+            if replaying is not None and replaying.check_only:
+                raise _ReplayEnd  # a check-only replay cannot wait for live work
             if deadline is not None and time.monotonic() >= deadline:
                 raise self._timeout(limit)
             wait = delay if deadline is None else min(delay, max(0.0, deadline - time.monotonic()))

@@ -1,0 +1,350 @@
+"""``crashsafe`` commands: thin layers over the App's read and control methods."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import importlib
+import importlib.util
+import json
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .. import _codec
+from .._app import App
+from .._errors import describe
+from ..exceptions import CrashsafeError
+from ..stores import Status, default_url, open_store
+from ..stores.base import JournalEntry, WorkflowRecord
+
+cli = typer.Typer(
+    name="crashsafe",
+    help="Crash-only durable execution for AI agents.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+# Piped output (CI logs, `| less`) gets a wide fixed width instead of rich's 80 columns.
+_WIDTH = None if sys.stdout.isatty() else 200
+out = Console(width=_WIDTH)
+err = Console(stderr=True, width=_WIDTH)
+
+DbOption = Annotated[
+    str | None,
+    typer.Option("--db", help="Database URL (default: $CRASHSAFE_DATABASE, else sqlite:///crashsafe.db)"),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+class _State:
+    db: str | None = None
+
+
+state = _State()
+
+
+@cli.callback()
+def _main(db: DbOption = None) -> None:
+    state.db = db
+
+
+def _url(db: str | None) -> str:
+    return db or state.db or default_url()
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+def _open_app(db: str | None) -> App:
+    url = _url(db)
+    if url.startswith("sqlite:") and "memory" not in url:
+        from ..stores.sqlite import parse_sqlite_url
+
+        path, _ = parse_sqlite_url(url)
+        if not Path(path).exists():
+            raise _fail(f"no database at {path!r} (from {url!r}); run `crashsafe demo` or "
+                        "point --db / $CRASHSAFE_DATABASE at your database")
+    return App(store=open_store(url))
+
+
+def _when(ts: float | None) -> str:
+    if not ts:
+        return "-"
+    return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _secs(value: float) -> str:
+    if value < 1:
+        return f"{value * 1000:.1f} ms"
+    return f"{value:.2f} s"
+
+
+_STATUS_STYLE = {
+    Status.RUNNING: "yellow",
+    Status.SUCCEEDED: "green",
+    Status.FAILED: "red",
+    Status.CANCELLED: "magenta",
+    Status.DEAD_LETTER: "bold red",
+}
+
+
+def _record_json(rec: WorkflowRecord) -> dict[str, Any]:
+    return {
+        "id": rec.id, "name": rec.name, "version": rec.version, "status": rec.status.value,
+        "owner": rec.owner, "parent_id": rec.parent_id, "created_at": rec.created_at,
+        "updated_at": rec.updated_at, "recovery_attempts": rec.recovery_attempts,
+        "reason": rec.reason,
+    }
+
+
+@cli.command("ls")
+def ls_cmd(
+    status: Annotated[str | None, typer.Option(help="running, succeeded, failed, cancelled or dead_letter")] = None,
+    name: Annotated[str | None, typer.Option(help="Only workflows with this name.")] = None,
+    limit: Annotated[int, typer.Option(help="At most this many, newest first.")] = 50,
+    as_json: JsonOption = False,
+    db: DbOption = None,
+) -> None:
+    """List workflows, newest first."""
+    if status is not None and status not in {s.value for s in Status}:
+        raise _fail(f"unknown status {status!r}; use one of {', '.join(s.value for s in Status)}")
+    try:
+        app = _open_app(db)
+        rows = app.list_workflows(status=status, name=name, limit=limit)
+    except CrashsafeError as exc:
+        raise _fail(str(exc)) from None
+    if as_json:
+        out.print_json(json.dumps([_record_json(r) for r in rows]))
+        return
+    if not rows:
+        out.print("no workflows match")
+        return
+    table = Table(box=None, header_style="bold")
+    for col in ("ID", "NAME", "VERSION", "STATUS", "CREATED", "UPDATED", "RECOVERIES"):
+        table.add_column(col)
+    for r in rows:
+        style = _STATUS_STYLE.get(r.status, "")
+        table.add_row(r.id, r.name, r.version, f"[{style}]{r.status.value}[/]",
+                      _when(r.created_at), _when(r.updated_at), str(r.recovery_attempts))
+    out.print(table)
+
+
+def _preview(entry: JournalEntry, width: int = 60) -> str:
+    if entry.error is not None:
+        return f"[red]{describe(entry.error)[:width]}[/]"
+    if entry.output is None:
+        return ""
+    try:
+        value = _codec.decode(entry.output, "output")
+    except CrashsafeError as exc:
+        return f"[red]<unreadable: {exc}>[/]"
+    if entry.kind == "sleep" and isinstance(value, float):
+        return f"wake at {_when(value)}"
+    text = repr(value)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+@cli.command("show")
+def show_cmd(
+    workflow_id: Annotated[str, typer.Argument(help="The workflow id.")],
+    as_json: JsonOption = False,
+    db: DbOption = None,
+) -> None:
+    """Show one workflow and its timeline: steps, attempts, durations, errors."""
+    try:
+        app = _open_app(db)
+        rec = app.get_workflow(workflow_id)
+        journal = app.journal(workflow_id)
+    except CrashsafeError as exc:
+        raise _fail(str(exc)) from None
+    if as_json:
+        data = _record_json(rec)
+        data["journal"] = [
+            {"index": e.index, "kind": e.kind, "name": e.name, "attempts": e.attempts,
+             "started_at": e.started_at, "ended_at": e.ended_at,
+             "error": describe(e.error) or None}
+            for e in journal
+        ]
+        out.print_json(json.dumps(data))
+        return
+    style = _STATUS_STYLE.get(rec.status, "")
+    out.print(f"[bold]{rec.id}[/]  {rec.name} v{rec.version}  [{style}]{rec.status.value}[/]")
+    out.print(f"created {_when(rec.created_at)}   updated {_when(rec.updated_at)}   "
+              f"recoveries {rec.recovery_attempts}   owner {rec.owner or '-'}", highlight=False)
+    if rec.parent_id:
+        out.print(f"child of {rec.parent_id}")
+    if rec.reason:
+        out.print(f"reason: {rec.reason}", highlight=False)
+    if rec.status is Status.FAILED:
+        out.print(f"[red]error: {describe(rec.error)}[/]", highlight=False)
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for col in ("#", "KIND", "NAME", "AT", "TOOK", "ATTEMPTS"):
+        table.add_column(col, no_wrap=True)
+    table.add_column("RESULT", no_wrap=True, overflow="ellipsis", max_width=70)
+    for e in journal:
+        at = f"+{_secs(max(0.0, e.started_at - rec.created_at))}"
+        took = _secs(max(0.0, e.ended_at - e.started_at)) if e.kind == "step" else ""
+        attempts = str(e.attempts) if e.kind == "step" else ""
+        table.add_row(str(e.index), e.kind, e.name, at, took, attempts, _preview(e))
+    if journal:
+        out.print(table)
+    else:
+        out.print("(no journal entries yet)")
+    if rec.status is Status.SUCCEEDED:
+        try:
+            result = repr(_codec.decode(rec.output or b"null", "result"))
+        except CrashsafeError as exc:
+            result = f"<unreadable: {exc}>"
+        out.print(f"[green]result:[/] {result[:200]}", highlight=False)
+
+
+@cli.command("cancel")
+def cancel_cmd(
+    workflow_id: Annotated[str, typer.Argument(help="The workflow id.")],
+    db: DbOption = None,
+) -> None:
+    """Cancel a running workflow (it stops at its next durable call)."""
+    try:
+        done = _open_app(db).cancel(workflow_id, reason="cancelled from the command line")
+    except CrashsafeError as exc:
+        raise _fail(str(exc)) from None
+    if not done:
+        raise _fail(f"workflow {workflow_id!r} had already finished; nothing to cancel", 1)
+    out.print(f"cancelled {workflow_id}")
+
+
+@cli.command("resume")
+def resume_cmd(
+    workflow_id: Annotated[str, typer.Argument(help="The workflow id.")],
+    db: DbOption = None,
+) -> None:
+    """Resume a cancelled or dead-lettered workflow from where its journal ends."""
+    try:
+        _open_app(db).resume(workflow_id)
+    except CrashsafeError as exc:
+        raise _fail(str(exc)) from None
+    out.print(f"{workflow_id} is running again; any process serving its workflow picks it up "
+              "(for example `crashsafe worker MODULE:APP`)")
+
+
+def load_app(target: str) -> App:
+    """Import ``module:attr``, ``module`` or ``path/to/file.py`` and find its App."""
+    module_name, _, attr = target.partition(":")
+    sys.path.insert(0, str(Path.cwd()))
+    try:
+        if module_name.endswith(".py") or "/" in module_name:
+            path = Path(module_name)
+            if not path.exists():
+                raise _fail(f"no such file: {module_name}")
+            spec = importlib.util.spec_from_file_location(path.stem, path)
+            if spec is None or spec.loader is None:
+                raise _fail(f"cannot import {module_name}")
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[path.stem] = module
+            spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise _fail(f"cannot import {module_name!r}: {exc}") from None
+    if attr:
+        found = getattr(module, attr, None)
+        if not isinstance(found, App):
+            raise _fail(f"{target!r} is not a crashsafe.App")
+        return found
+    apps = [v for v in vars(module).values() if isinstance(v, App)]
+    if len(apps) != 1:
+        raise _fail(f"{module_name!r} defines {len(apps)} crashsafe.App objects; "
+                    "name one as MODULE:ATTRIBUTE")
+    return apps[0]
+
+
+@cli.command("replay")
+def replay_cmd(
+    module: Annotated[str, typer.Argument(help="MODULE[:APP] or file.py holding your workflows")],
+    status: Annotated[str | None, typer.Option(help="Only workflows with this status.")] = None,
+    limit: Annotated[int, typer.Option(help="At most this many workflows, newest first.")] = 1000,
+    as_json: JsonOption = False,
+    db: DbOption = None,
+) -> None:
+    """Replay recorded journals against the current code; report every nondeterminism.
+
+    Writes nothing. Run it before deploying changed workflow code.
+    """
+    from .._replay import replay_workflow
+
+    app = load_app(module)
+    try:
+        app._store = open_store(_url(db))
+        app._owns_store = True
+        rows = app.list_workflows(status=status, limit=limit)
+        reports = [replay_workflow(app, r) for r in rows]
+    except CrashsafeError as exc:
+        raise _fail(str(exc)) from None
+    problems = [r for r in reports if r.problem]
+    if as_json:
+        out.print_json(json.dumps([dataclasses.asdict(r) for r in reports]))
+    else:
+        table = Table(box=None, header_style="bold")
+        for col in ("ID", "NAME", "VERDICT", "DETAIL"):
+            table.add_column(col)
+        for r in reports:
+            color = "red" if r.problem else ("dim" if r.verdict == "skipped" else "green")
+            table.add_row(r.workflow_id, r.name, f"[{color}]{r.verdict}[/]", r.detail)
+        out.print(table)
+        out.print(f"{len(reports)} replayed, {len(problems)} with problems")
+    if problems:
+        raise typer.Exit(1)
+
+
+@cli.command("worker")
+def worker_cmd(
+    target: Annotated[str, typer.Argument(help="MODULE:APP (or MODULE, or file.py) to serve")],
+    db: DbOption = None,
+) -> None:
+    """Serve an app: recover orphaned workflows and keep recovering until stopped."""
+    app = load_app(target)
+    if db or state.db:
+        app._store = open_store(_url(db))
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        app.launch()
+    except CrashsafeError as exc:
+        raise _fail(str(exc)) from None
+    out.print(f"crashsafe worker {app.executor_id} serving {app.store.url}; Ctrl-C to stop")
+    try:
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    app.close()
+
+
+@cli.command("demo")
+def demo_cmd(
+    tickets: Annotated[int, typer.Option(help="Support tickets to process.")] = 50,
+    kills: Annotated[int, typer.Option(help="How many times to SIGKILL the agent process.")] = 3,
+    seed: Annotated[int | None, typer.Option(help="Seed for faults and kill points.")] = None,
+    concurrency: Annotated[int, typer.Option(help="Tickets in flight at once.")] = 10,
+    fault_rate: Annotated[float, typer.Option(help="Share of LLM calls that fail (0-1).")] = 0.03,
+    as_json: JsonOption = False,
+    db: DbOption = None,
+) -> None:
+    """Run the support-agent demo: faults, kill -9s, recovery, and a report."""
+    from ..demo.runner import run_demo
+
+    code = run_demo(_url(db), tickets=tickets, kills=kills, seed=seed, concurrency=concurrency,
+                    fault_rate=fault_rate, as_json=as_json, console=out)
+    raise typer.Exit(code)
+
+
+def run() -> None:
+    cli()

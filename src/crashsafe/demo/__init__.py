@@ -1,0 +1,1 @@
+"""The support-agent demo (``crashsafe demo``)."""

@@ -1,0 +1,291 @@
+"""``crashsafe demo``: run the support agent, SIGKILL it at random moments, restart it,
+and check the outcome against the independent ledger."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .. import _codec
+from ..exceptions import CrashsafeError
+from ..stores import ListFilter, Status, open_store
+from ..stores.sqlite import parse_sqlite_url
+from .agent import expected_result, make_ticket
+
+RUN_LIMIT = 110.0  # seconds; the demo promises to finish in under two minutes
+
+
+@dataclass
+class _Child:
+    proc: subprocess.Popen[str]
+    started: float
+    events: list[dict[str, Any]] = field(default_factory=list)
+    first_step: threading.Event = field(default_factory=threading.Event)
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+def _spawn(args: list[str]) -> _Child:
+    started = time.time()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "crashsafe.demo.agent", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1,
+    )
+    child = _Child(proc, started)
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            child.events.append(event)
+            if event.get("event") == "first_step":
+                child.first_step.set()
+            elif event.get("event") == "done":
+                child.done.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    return child
+
+
+def _journal_snapshot(db_path: str, prefix: str) -> dict[tuple[str, int], bytes | None]:
+    conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=30)
+    try:
+        rows = conn.execute(
+            "SELECT workflow_id, idx, output FROM journal WHERE substr(workflow_id, 1, ?) = ?",
+            (len(prefix), prefix),
+        ).fetchall()
+    finally:
+        conn.close()
+    return {(r[0], r[1]): r[2] for r in rows}
+
+
+def run_demo(url: str, *, tickets: int, kills: int, seed: int | None, concurrency: int,
+             fault_rate: float, as_json: bool, console: Console) -> int:
+    """Run the demo; return the process exit code (0 only if every invariant holds)."""
+    if not url.startswith("sqlite:"):
+        console.print(f"[red]error:[/] the demo needs a SQLite file URL, got {url!r}")
+        return 2
+    if tickets < 1 or kills < 0 or concurrency < 1 or not 0 <= fault_rate < 1:
+        console.print("[red]error:[/] need --tickets >= 1, --kills >= 0, --concurrency >= 1 "
+                      "and 0 <= --fault-rate < 1")
+        return 2
+    try:
+        db_path, _ = parse_sqlite_url(url)
+        store = open_store(url)  # creates and migrates the file before the agent starts
+    except CrashsafeError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        return 2
+    seed = seed if seed is not None else random.SystemRandom().randrange(1, 10**6)
+    rng = random.Random(seed)
+    run_id = f"demo-{time.strftime('%Y%m%d-%H%M%S')}-{seed}"
+    ledger_path = str(Path(db_path).with_name(Path(db_path).stem + "-demo-ledger.db"))
+    for suffix in ("", "-wal", "-shm"):
+        Path(ledger_path + suffix).unlink(missing_ok=True)
+    args = ["--db", url, "--ledger", ledger_path, "--run", run_id, "--tickets", str(tickets),
+            "--concurrency", str(concurrency), "--fault-rate", str(fault_rate)]
+    thresholds = sorted(
+        max(1, min(tickets - 1, int(tickets * ((k + 1) / (kills + 1) + rng.uniform(-0.08, 0.08)))))
+        for k in range(kills)
+    ) if tickets > 1 else []
+    if not as_json:
+        console.print(f"crashsafe demo: {tickets} support tickets, {kills} kill -9s, "
+                      f"LLM fault rate {fault_rate:.0%}, seed {seed}")
+        console.print(f"database {url}   ledger {ledger_path}   run id {run_id}",
+                      highlight=False)
+
+    started = time.time()
+    kill_log: list[dict[str, Any]] = []
+    snapshots: dict[tuple[str, int], bytes | None] = {}
+    resumed_entries = 0
+    children: list[_Child] = []
+    failure: str | None = None
+    prefix = f"{run_id}-"
+
+    def completed() -> int:
+        rows = store.list_workflows(ListFilter(status=Status.SUCCEEDED, id_prefix=prefix,
+                                               limit=tickets + 10))
+        return len(rows)
+
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), console=console, disable=as_json, transient=False)
+    with progress:
+        task = progress.add_task("tickets", total=tickets)
+        child = _spawn([*args, "--seed", str(rng.randrange(10**9))])
+        children.append(child)
+        while True:
+            time.sleep(0.05)
+            done_count = completed()
+            progress.update(task, completed=done_count,
+                            description=f"tickets (kills {len(kill_log)}/{kills})")
+            if time.time() - started > RUN_LIMIT:
+                failure = f"the run did not finish within {RUN_LIMIT:.0f} s"
+                child.proc.kill()
+                child.proc.wait()
+                break
+            if child.proc.poll() is not None:
+                if child.done.is_set() and child.proc.returncode == 0:
+                    break
+                stderr = child.proc.stderr.read() if child.proc.stderr else ""
+                failure = (f"the agent process exited with code {child.proc.returncode}: "
+                           f"{stderr.strip()[-800:]}")
+                break
+            if len(kill_log) < len(thresholds) and done_count >= thresholds[len(kill_log)]:
+                time.sleep(rng.uniform(0.0, 0.3))  # a random instant, not a step boundary
+                os.kill(child.proc.pid, signal.SIGKILL)
+                child.proc.wait()
+                killed_at = time.time()
+                snapshots.update(_journal_snapshot(db_path, prefix))
+                child = _spawn([*args, "--seed", str(rng.randrange(10**9))])
+                children.append(child)
+                kill_log.append({"killed_at": killed_at - started, "restart": child.started,
+                                 "completed_before": done_count})
+        progress.update(task, completed=completed())
+
+    for entry, kid in zip(kill_log, children[1:], strict=False):
+        kid.first_step.wait(timeout=5)
+        first = next((e for e in kid.events if e.get("event") == "first_step"), None)
+        entry["recovery_s"] = (first["t"] - kid.started) if first else None
+        entry.pop("restart", None)
+    for kid in children:
+        for e in kid.events:
+            if e.get("event") == "resumed":
+                resumed_entries += int(e.get("recorded", 0))
+    elapsed = time.time() - started
+    report = _verify(url, db_path, ledger_path, prefix, tickets, snapshots)
+    report.update(seed=seed, run_id=run_id, kills=len(kill_log), kill_log=kill_log,
+                  replayed_entries=resumed_entries, elapsed_s=round(elapsed, 2),
+                  database=url, ledger=ledger_path)
+    if len(kill_log) < kills and failure is None:
+        failure = f"only {len(kill_log)} of {kills} kills happened before the run finished"
+    if failure:
+        report["failure"] = failure
+    ok = failure is None and report["ok"]
+    report["ok"] = ok
+    if as_json:
+        console.print_json(json.dumps(report))
+    else:
+        _print_report(console, report)
+    return 0 if ok else 1
+
+
+def _verify(url: str, db_path: str, ledger_path: str, prefix: str, tickets: int,
+            snapshots: dict[tuple[str, int], bytes | None]) -> dict[str, Any]:
+    store = open_store(url)
+    rows = store.list_workflows(ListFilter(id_prefix=prefix, limit=tickets + 10))
+    by_id = {r.id: r for r in rows}
+    succeeded = [r for r in rows if r.status is Status.SUCCEEDED]
+    final = _journal_snapshot(db_path, prefix)
+    lost = sum(1 for key, out in snapshots.items() if key not in final or final[key] != out)
+    inconsistent: list[str] = []
+    for i in range(tickets):
+        wid = f"{prefix}T{i:03d}"
+        rec = by_id.get(wid)
+        if rec is None or rec.status is not Status.SUCCEEDED:
+            continue
+        got = _codec.decode(rec.output or b"null")
+        want = expected_result(make_ticket(i))
+        if not isinstance(got, dict) or any(got.get(k) != v for k, v in want.items()):
+            inconsistent.append(wid)
+    conn = sqlite3.connect(f"file:{ledger_path}?mode=ro", uri=True, timeout=30)
+    try:
+        dup_refunds = conn.execute(
+            "SELECT COUNT(*) FROM (SELECT order_id FROM refunds GROUP BY order_id "
+            "HAVING COUNT(*) > 1)").fetchone()[0]
+        refunds = conn.execute("SELECT COUNT(*) FROM refunds").fetchone()[0]
+        calls = conn.execute("SELECT COUNT(*) FROM payment_calls").fetchone()[0]
+        executions = conn.execute("SELECT workflow_id, idx, attempt, pid, at FROM executions "
+                                  "WHERE substr(workflow_id, 1, ?) = ?",
+                                  (len(prefix), prefix)).fetchall()
+    finally:
+        conn.close()
+    runs: dict[tuple[str, int], set[int]] = defaultdict(set)
+    for wid, idx, _attempt, pid, _at in executions:
+        runs[(wid, idx)].add(pid)
+    rerun_after_kill = sum(len(pids) - 1 for pids in runs.values())
+    committed_at = _commit_times(db_path, prefix)
+    after_commit = sum(1 for wid, idx, _a, _p, at in executions
+                       if (wid, idx) in committed_at and at > committed_at[(wid, idx)])
+    expected_refunds = sum(1 for i in range(tickets)
+                           if expected_result(make_ticket(i))["refunded"] > 0)
+    ok = (len(succeeded) == tickets and lost == 0 and dup_refunds == 0 and not inconsistent
+          and after_commit == 0 and refunds == expected_refunds)
+    return {
+        "ok": ok, "tickets": tickets, "completed": len(succeeded),
+        "lost_committed_steps": lost, "duplicate_refunds": dup_refunds,
+        "refunds": refunds, "expected_refunds": expected_refunds, "payment_calls": calls,
+        "deduplicated_payment_calls": calls - refunds,
+        "step_bodies_run": len(executions), "journal_steps": len(
+            [k for k in final if k in runs]),
+        "rerun_after_kill": rerun_after_kill, "reexecuted_committed_steps": after_commit,
+        "inconsistent_results": inconsistent,
+    }
+
+
+def _commit_times(db_path: str, prefix: str) -> dict[tuple[str, int], float]:
+    conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=30)
+    try:
+        rows = conn.execute(
+            "SELECT workflow_id, idx, ended_at FROM journal WHERE kind = 'step' "
+            "AND substr(workflow_id, 1, ?) = ?", (len(prefix), prefix)).fetchall()
+    finally:
+        conn.close()
+    return {(r[0], r[1]): r[2] for r in rows}
+
+
+def _print_report(console: Console, r: dict[str, Any]) -> None:
+    def mark(good: bool) -> str:
+        return "[green]ok[/]" if good else "[bold red]FAIL[/]"
+
+    table = Table(title="crashsafe demo report", box=None, header_style="bold",
+                  title_justify="left")
+    table.add_column("check")
+    table.add_column("value", justify="right")
+    table.add_column("")
+    table.add_row("tickets completed", f"{r['completed']}/{r['tickets']}",
+                  mark(r["completed"] == r["tickets"]))
+    table.add_row("kill -9s", str(r["kills"]), "")
+    for i, k in enumerate(r["kill_log"], 1):
+        rec = k.get("recovery_s")
+        text = f"{rec:.2f} s" if rec is not None else "n/a"
+        table.add_row(f"  kill {i} at {k['killed_at']:.1f} s: restart to first resumed step",
+                      text, mark(rec is not None and rec < 1.0))
+    table.add_row("step bodies run (ledger)", str(r["step_bodies_run"]), "")
+    table.add_row("journal entries replayed instead of re-run", str(r["replayed_entries"]), "")
+    table.add_row("steps re-run because a kill hit before their commit",
+                  str(r["rerun_after_kill"]), "")
+    table.add_row("committed steps run again", str(r["reexecuted_committed_steps"]),
+                  mark(r["reexecuted_committed_steps"] == 0))
+    table.add_row("committed steps lost", str(r["lost_committed_steps"]),
+                  mark(r["lost_committed_steps"] == 0))
+    table.add_row("refunds at the ledger", f"{r['refunds']} (expected {r['expected_refunds']})",
+                  mark(r["refunds"] == r["expected_refunds"]))
+    table.add_row("duplicate refunds at the ledger", str(r["duplicate_refunds"]),
+                  mark(r["duplicate_refunds"] == 0))
+    table.add_row("payment calls answered from the idempotency key",
+                  str(r["deduplicated_payment_calls"]), "")
+    table.add_row("results equal to an uninterrupted run",
+                  f"{r['completed'] - len(r['inconsistent_results'])}/{r['completed']}",
+                  mark(not r["inconsistent_results"]))
+    console.print(table)
+    if r.get("failure"):
+        console.print(f"[bold red]failure:[/] {r['failure']}")
+    verdict = "[bold green]all invariants hold[/]" if r["ok"] else "[bold red]INVARIANT VIOLATED[/]"
+    console.print(f"{verdict} in {r['elapsed_s']:.1f} s (seed {r['seed']}). Inspect with "
+                  f"`crashsafe ls` and `crashsafe show {r['run_id']}-T000`.", highlight=False)
