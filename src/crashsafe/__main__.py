@@ -1,0 +1,5 @@
+"""``python -m crashsafe`` is the ``crashsafe`` command."""
+
+from .cli import main
+
+main()

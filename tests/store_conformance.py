@@ -1,0 +1,492 @@
+"""Conformance checks for the :class:`crashsafe.stores.base.Store` contract.
+
+Every backend runs these unchanged. Each check is a plain function taking a
+*factory* that returns a new, empty store; ``CHECKS`` lists them all, so a backend's
+test module only has to say how to make a store::
+
+    from store_conformance import CHECKS
+
+    @pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.__name__)
+    def test_conformance(check, tmp_path):
+        check(lambda: PostgresStore(make_empty_database()))
+
+Checks close the stores they open.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from crashsafe.exceptions import StoreConflictError
+from crashsafe.stores import (
+    ClaimResult,
+    ExecutorRecord,
+    FinishWorkflow,
+    JournalEntry,
+    ListFilter,
+    Status,
+    Store,
+    WorkflowRecord,
+)
+
+StoreFactory = Callable[[], Store]
+Check = Callable[[StoreFactory], None]
+
+CHECKS: list[Check] = []
+
+
+def check(fn: Check) -> Check:
+    CHECKS.append(fn)
+    return fn
+
+
+@contextmanager
+def opened(factory: StoreFactory) -> Iterator[Store]:
+    store = factory()
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+def wf(
+    wid: str,
+    *,
+    name: str = "flow",
+    status: Status = Status.RUNNING,
+    owner: str | None = "ex-1",
+    created_at: float = 1000.0,
+    inputs: bytes = b'{"args":[],"kwargs":{}}',
+    parent_id: str | None = None,
+    recovery_attempts: int = 0,
+) -> WorkflowRecord:
+    return WorkflowRecord(
+        id=wid, name=name, version="1", status=status, inputs=inputs,
+        created_at=created_at, updated_at=created_at, owner=owner, parent_id=parent_id,
+        recovery_attempts=recovery_attempts,
+    )
+
+
+def entry(wid: str, index: int, name: str = "step", output: bytes | None = b"1") -> JournalEntry:
+    return JournalEntry(wid, index, "step", name, output, None, 1, 10.0 + index, 11.0 + index)
+
+
+def indexes(store: Store, wid: str) -> list[int]:
+    return [e.index for e in store.load_journal(wid)]
+
+
+def must_get(store: Store, wid: str) -> WorkflowRecord:
+    rec = store.get_workflow(wid)
+    assert rec is not None, f"workflow {wid!r} missing"
+    return rec
+
+
+# -- workflows ----------------------------------------------------------------------------
+@check
+def create_workflow_is_idempotent(factory: StoreFactory) -> None:
+    with opened(factory) as store:
+        first = wf("w1", name="original", inputs=b"first")
+        stored, created = store.create_workflow(first)
+        assert created is True
+        assert stored == first
+
+        again, created_again = store.create_workflow(wf("w1", name="impostor", inputs=b"second"))
+        assert created_again is False
+        assert again.name == "original"
+        assert again.inputs == b"first"
+        assert must_get(store, "w1") == first
+
+
+@check
+def workflow_record_round_trips_every_field(factory: StoreFactory) -> None:
+    with opened(factory) as store:
+        rec = WorkflowRecord(
+            id="w/ünïcode 'quoted\"", name="n", version="7", status=Status.FAILED,
+            inputs=bytes(range(256)) * 4, created_at=1234.5678901, updated_at=2345.25,
+            owner=None, parent_id="parent-1", output=b"\x00out", error=b"\xffboom",
+            recovery_attempts=3, reason="because",
+        )
+        store.create_workflow(rec)
+        assert store.get_workflow(rec.id) == rec
+        assert store.get_workflow("missing") is None
+
+
+@check
+def returned_records_are_copies(factory: StoreFactory) -> None:
+    with opened(factory) as store:
+        store.create_workflow(wf("w1"))
+        store.apply([[entry("w1", 0)]])
+        got = must_get(store, "w1")
+        got.status = Status.SUCCEEDED
+        got.owner = "someone-else"
+        journal = store.load_journal("w1")
+        journal[0].name = "mutated"
+        assert must_get(store, "w1").status is Status.RUNNING
+        assert must_get(store, "w1").owner == "ex-1"
+        assert store.load_journal("w1")[0].name == "step"
+
+
+@check
+def list_workflows_filters_and_orders_newest_first(factory: StoreFactory) -> None:
+    with opened(factory) as store:
+        specs = [
+            ("a-1", "alpha", Status.RUNNING, 1.0),
+            ("a-2", "alpha", Status.SUCCEEDED, 2.0),
+            ("b-1", "beta", Status.RUNNING, 3.0),
+            ("a-3", "alpha", Status.RUNNING, 4.0),
+            ("b-2", "beta", Status.FAILED, 5.0),
+        ]
+        for wid, name, status, at in specs:
+            store.create_workflow(wf(wid, name=name, status=status, created_at=at))
+
+        def ids(**kw: object) -> list[str]:
+            return [r.id for r in store.list_workflows(ListFilter(**kw))]  # type: ignore[arg-type]
+
+        assert ids() == ["b-2", "a-3", "b-1", "a-2", "a-1"]
+        assert ids(status=Status.RUNNING) == ["a-3", "b-1", "a-1"]
+        assert ids(name="alpha") == ["a-3", "a-2", "a-1"]
+        assert ids(name="alpha", status=Status.RUNNING) == ["a-3", "a-1"]
+        assert ids(limit=2) == ["b-2", "a-3"]
+        assert ids(status=Status.RUNNING, limit=1) == ["a-3"]
+        assert ids(limit=0) == []
+        assert ids(id_prefix="b-") == ["b-2", "b-1"]
+        assert ids(status=Status.CANCELLED) == []
+        assert ids(name="gamma") == []
+
+
+@check
+def list_workflows_treats_hostile_filters_as_data(factory: StoreFactory) -> None:
+    with opened(factory) as store:
+        store.create_workflow(wf("w1", name="flow"))
+        for hostile in ["x' OR '1'='1", "flow'; DROP TABLE workflows; --", "%", "_", "\\"]:
+            assert store.list_workflows(ListFilter(name=hostile)) == []
+            assert store.list_workflows(ListFilter(id_prefix=hostile)) == []
+        assert [r.id for r in store.list_workflows(ListFilter())] == ["w1"]
+
+
+@check
+def list_workflows_orders_ties_deterministically(factory: StoreFactory) -> None:
+    with opened(factory) as store:
+        for wid in ["m", "z", "a"]:
+            store.create_workflow(wf(wid, created_at=5.0))
+        assert [r.id for r in store.list_workflows(ListFilter())] == ["z", "m", "a"]
+
+
+# -- apply: journal and finish --------------------------------------------------------------
+@check
+def apply_lands_many_batches_in_one_call(factory: StoreFactory) -> None:
+    with opened(factory) as store:
+        for wid in ["w1", "w2", "w3"]:
+            store.create_workflow(wf(wid))
+        results = store.apply([
+            [entry("w1", 0), entry("w1", 1)],
+            [entry("w2", 0)],
+            [entry("w3", 0), entry("w3", 1), entry("w3", 2)],
+        ])
+        assert results == [None, None, None]
+        assert indexes(store, "w1") == [0, 1]
+        assert indexes(store, "w2") == [0]
+        assert indexes(store, "w3") == [0, 1, 2]
+
+
+@check
+def apply_duplicate_index_fails_only_its_batch(factory: StoreFactory) -> None:
+    with opened(factory) as store:
+        for wid in ["w1", "w2"]:
+            store.create_workflow(wf(wid))
+        assert store.apply([[entry("w1", 0, name="original", output=b"1")]]) == [None]
+
+        results = store.apply([
+            [entry("w1", 1)],
+            # The offender: a fresh index and an index that is already taken.
+            [entry("w1", 5), entry("w1", 0, name="impostor", output=b"2")],
+            [entry("w2", 0)],
+        ])
+        assert results[0] is None
+        assert isinstance(results[1], StoreConflictError)
+        assert "w1" in str(results[1])
+        assert results[2] is None
+        journal = store.load_journal("w1")
+        assert [e.index for e in journal] == [0, 1]  # index 5 of the failed batch: not kept
+        assert journal[0].name == "original"
+        assert journal[0].output == b"1"
+        assert indexes(store, "w2") == [0]
+
+
+@check
+def apply_rejects_a_batch_that_repeats_an_index(factory: StoreFactory) -> None:
+    with opened(factory) as store:
+        store.create_workflow(wf("w1"))
+        results = store.apply([[entry("w1", 0, name="a"), entry("w1", 0, name="b")]])
+        assert len(results) == 1
+        assert isinstance(results[0], StoreConflictError)
+        assert store.load_journal("w1") == []
+
+
+@check
+def apply_two_batches_racing_for_one_index_keeps_the_first(factory: StoreFactory) -> None:
+    with opened(factory) as store:
+        store.create_workflow(wf("w1"))
+        results = store.apply([[entry("w1", 0, name="first")], [entry("w1", 0, name="second")]])
+        assert results[0] is None
+        assert isinstance(results[1], StoreConflictError)
+        assert [e.name for e in store.load_journal("w1")] == ["first"]
+
+
+@check
+def apply_with_no_batches_is_a_no_op(factory: StoreFactory) -> None:
+    with opened(factory) as store:
+        assert store.apply([]) == []
+
+
+@check
+def finish_applies_only_while_running_under_its_owner(factory: StoreFactory) -> None:
+    with opened(factory) as store:
+        store.create_workflow(wf("w1", owner="ex-1"))
+        wrong_owner = FinishWorkflow("w1", "ex-2", Status.SUCCEEDED, output=b"stolen", at=50.0)
+        assert store.apply([[wrong_owner]]) == [None]
+        assert must_get(store, "w1").status is Status.RUNNING
+        assert must_get(store, "w1").output is None
+
+        done = FinishWorkflow("w1", "ex-1", Status.SUCCEEDED, output=b"42", at=60.0)
+        assert store.apply([[done]]) == [None]
+        rec = must_get(store, "w1")
+        assert rec.status is Status.SUCCEEDED
+        assert rec.output == b"42"
+        assert rec.updated_at == 60.0
+
+        late = FinishWorkflow("w1", "ex-1", Status.FAILED, error=b"late", at=70.0)
+        store.apply([[late]])
+        rec = must_get(store, "w1")
+        assert rec.status is Status.SUCCEEDED
+        assert rec.error is None
+        assert rec.output == b"42"
+
+
+@check
+def finish_does_not_revive_a_cancelled_workflow(factory: StoreFactory) -> None:
+    with opened(factory) as store:
+        store.create_workflow(wf("w1", owner="ex-1"))
+        assert store.set_status("w1", Status.CANCELLED, only_from=[Status.RUNNING]) is not None
+        store.apply([[FinishWorkflow("w1", "ex-1", Status.SUCCEEDED, output=b"1", at=1.0)]])
+        assert must_get(store, "w1").status is Status.CANCELLED
+
+
+@check
+def journal_and_finish_in_one_batch_land_together(factory: StoreFactory) -> None:
+    with opened(factory) as store:
+        store.create_workflow(wf("w1", owner="ex-1"))
+        store.create_workflow(wf("w2", owner="ex-1"))
+        store.apply([[entry("w2", 0)]])
+        results = store.apply([
+            [entry("w1", 0), FinishWorkflow("w1", "ex-1", Status.SUCCEEDED, b"ok", at=9.0)],
+            [entry("w2", 0), FinishWorkflow("w2", "ex-1", Status.SUCCEEDED, b"ok", at=9.0)],
+        ])
+        assert results[0] is None
+        assert isinstance(results[1], StoreConflictError)
+        assert must_get(store, "w1").status is Status.SUCCEEDED
+        assert indexes(store, "w1") == [0]
+        # The failed batch's finish must not have been applied either.
+        assert must_get(store, "w2").status is Status.RUNNING
+
+
+@check
+def load_journal_orders_by_index(factory: StoreFactory) -> None:
+    with opened(factory) as store:
+        store.create_workflow(wf("w1"))
+        store.create_workflow(wf("w2"))
+        written = {i: JournalEntry("w1", i, "step", f"s{i}", f"{i}".encode(), None, i + 1,
+                                   100.0 + i, 200.5 + i) for i in [3, 0, 2, 1]}
+        for e in written.values():
+            assert store.apply([[e]]) == [None]
+        store.apply([[JournalEntry("w2", 0, "sleep", "sleep", None, b"err", 2, 1.0, 2.0)]])
+        journal = store.load_journal("w1")
+        assert [e.index for e in journal] == [0, 1, 2, 3]
+        assert journal == [written[i] for i in range(4)]
+        assert store.load_journal("w2") == [
+            JournalEntry("w2", 0, "sleep", "sleep", None, b"err", 2, 1.0, 2.0)
+        ]
+        assert store.load_journal("missing") == []
+
+
+@check
+def concurrent_apply_from_many_threads_loses_nothing(factory: StoreFactory) -> None:
+    with opened(factory) as store:
+        wids = [f"t{i}" for i in range(8)]
+        for wid in wids:
+            store.create_workflow(wf(wid))
+        errors: list[BaseException | None] = []
+        lock = threading.Lock()
+
+        def writer(wid: str) -> None:
+            for i in range(25):
+                res = store.apply([[entry(wid, i)]])
+                with lock:
+                    errors.extend(res)
+
+        threads = [threading.Thread(target=writer, args=(w,)) for w in wids]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert errors == [None] * 200
+        for wid in wids:
+            assert indexes(store, wid) == list(range(25))
+
+
+# -- ownership and status ---------------------------------------------------------------
+@check
+def claim_workflow_is_compare_and_swap_on_the_owner(factory: StoreFactory) -> None:
+    with opened(factory) as store:
+        store.create_workflow(wf("w1", owner="dead"))
+
+        wrong = store.claim_workflow("w1", "someone-else", "me", max_recoveries=5)
+        assert wrong.claimed is False
+        assert wrong.dead_lettered is False
+        assert must_get(store, "w1").owner == "dead"
+        assert must_get(store, "w1").recovery_attempts == 0
+
+        res = store.claim_workflow("w1", "dead", "me", max_recoveries=5)
+        assert res.claimed is True
+        assert res.record is not None
+        assert res.record.owner == "me"
+        assert res.record.recovery_attempts == 1
+        rec = must_get(store, "w1")
+        assert rec.owner == "me"
+        assert rec.recovery_attempts == 1
+        assert rec.status is Status.RUNNING
+
+        # A second claimer that read the old owner loses the race.
+        assert store.claim_workflow("w1", "dead", "other", max_recoveries=5).claimed is False
+        assert must_get(store, "w1").owner == "me"
+
+
+@check
+def claim_workflow_takes_ownerless_rows(factory: StoreFactory) -> None:
+    with opened(factory) as store:
+        store.create_workflow(wf("w1", owner=None))
+        assert store.claim_workflow("w1", "ex-x", "me", max_recoveries=3).claimed is False
+        res = store.claim_workflow("w1", None, "me", max_recoveries=3)
+        assert res.claimed is True
+        assert must_get(store, "w1").owner == "me"
+
+
+@check
+def claim_workflow_ignores_finished_and_missing(factory: StoreFactory) -> None:
+    with opened(factory) as store:
+        store.create_workflow(wf("w1", owner="dead", status=Status.SUCCEEDED))
+        assert store.claim_workflow("w1", "dead", "me", 3) == ClaimResult(claimed=False)
+        assert must_get(store, "w1").recovery_attempts == 0
+        assert store.claim_workflow("missing", None, "me", 3).claimed is False
+
+
+@check
+def claim_workflow_dead_letters_past_max_recoveries(factory: StoreFactory) -> None:
+    with opened(factory) as store:
+        store.create_workflow(wf("w1", owner="ex-0"))
+        for n in (1, 2):
+            res = store.claim_workflow("w1", f"ex-{n - 1}", f"ex-{n}", max_recoveries=2)
+            assert res.claimed is True
+            assert must_get(store, "w1").recovery_attempts == n
+        res = store.claim_workflow("w1", "ex-2", "ex-3", max_recoveries=2)
+        assert res.claimed is False
+        assert res.dead_lettered is True
+        assert res.record is not None
+        assert res.record.status is Status.DEAD_LETTER
+        rec = must_get(store, "w1")
+        assert rec.status is Status.DEAD_LETTER
+        assert rec.owner is None
+        assert rec.recovery_attempts == 3
+        assert rec.reason
+        assert "2" in rec.reason
+        assert [r[0] for r in store.running_workflows("nobody")] == []
+
+
+@check
+def set_status_changes_only_from_allowed_states(factory: StoreFactory) -> None:
+    with opened(factory) as store:
+        store.create_workflow(wf("w1", owner="ex-1", recovery_attempts=4))
+        res = store.set_status("w1", Status.CANCELLED, only_from=[Status.RUNNING],
+                               reason="by hand")
+        assert res is not None
+        assert res.status is Status.CANCELLED
+        assert res.reason == "by hand"
+        assert res.owner == "ex-1"  # not cleared unless asked
+        assert res.recovery_attempts == 4
+
+        assert store.set_status("w1", Status.DEAD_LETTER, only_from=[Status.RUNNING]) is None
+        assert must_get(store, "w1").status is Status.CANCELLED
+
+        back = store.set_status("w1", Status.RUNNING,
+                                only_from=[Status.CANCELLED, Status.DEAD_LETTER],
+                                clear_owner=True, reset_recoveries=True)
+        assert back is not None
+        rec = must_get(store, "w1")
+        assert rec.status is Status.RUNNING
+        assert rec.owner is None
+        assert rec.recovery_attempts == 0
+        assert rec.reason is None
+        assert store.set_status("missing", Status.RUNNING, only_from=list(Status)) is None
+
+
+@check
+def cancelled_among_reports_workflows_that_left_running(factory: StoreFactory) -> None:
+    with opened(factory) as store:
+        store.create_workflow(wf("run"))
+        store.create_workflow(wf("cancel"))
+        store.create_workflow(wf("done", status=Status.SUCCEEDED))
+        store.set_status("cancel", Status.CANCELLED, only_from=[Status.RUNNING])
+        got = store.cancelled_among(["run", "cancel", "done", "missing"])
+        assert sorted(got) == ["cancel", "done"]
+        assert store.cancelled_among([]) == []
+        many = [f"x{i}" for i in range(1200)] + ["cancel"]
+        assert store.cancelled_among(many) == ["cancel"]
+
+
+@check
+def running_workflows_excludes_the_given_owner(factory: StoreFactory) -> None:
+    with opened(factory) as store:
+        store.create_workflow(wf("mine", owner="me", name="a"))
+        store.create_workflow(wf("theirs", owner="them", name="b"))
+        store.create_workflow(wf("orphan", owner=None, name="c"))
+        store.create_workflow(wf("finished", owner="them", status=Status.SUCCEEDED))
+        got = sorted(store.running_workflows("me"), key=lambda r: r[0])
+        assert got == [("orphan", None, "c"), ("theirs", "them", "b")]
+
+
+# -- executors ------------------------------------------------------------------------------
+@check
+def executors_register_heartbeat_stop_and_read(factory: StoreFactory) -> None:
+    with opened(factory) as store:
+        a = ExecutorRecord("host:1:a", "host", 1, "100", 10.0, 10.0)
+        b = ExecutorRecord("host:2:b", "host", 2, "", 11.0, 11.0)
+        store.register_executor(a)
+        store.register_executor(b)
+        assert store.get_executors([]) == {}
+        assert store.get_executors(["host:1:a", "nope"]) == {"host:1:a": a}
+
+        store.heartbeat("host:1:a", 99.5)
+        store.stop_executor("host:2:b")
+        store.heartbeat("nope", 1.0)  # unknown ids are ignored
+        store.stop_executor("nope")
+        got = store.get_executors(["host:1:a", "host:2:b"])
+        assert got["host:1:a"].heartbeat_at == 99.5
+        assert got["host:1:a"].stopped is False
+        assert got["host:2:b"].stopped is True
+        assert got["host:2:b"].heartbeat_at == 11.0
+
+        # Registering the same id again (a restart reusing it) replaces the row.
+        store.register_executor(ExecutorRecord("host:2:b", "host", 3, "300", 20.0, 20.0))
+        again = store.get_executors(["host:2:b"])["host:2:b"]
+        assert again.pid == 3
+        assert again.stopped is False
+
+
+@check
+def store_satisfies_the_protocol(factory: StoreFactory) -> None:
+    with opened(factory) as store:
+        assert isinstance(store, Store)
+        assert isinstance(store.url, str)
+        assert store.url
