@@ -18,6 +18,7 @@ from ._context import _STEP, _WORKFLOW, WorkflowContext
 from ._handle import WorkflowHandle
 from ._recovery import HOSTNAME, executor_alive, process_start_marker
 from ._step import RetryPolicy, Step, seconds
+from ._threads import WorkerThreads
 from ._workflow import Outcome, Workflow, run_async, run_sync
 from .exceptions import (
     ConfigurationError,
@@ -113,6 +114,7 @@ class App:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
         self._committer_obj: GroupCommitter | None = None
+        self._threads = WorkerThreads()
 
     # -- store --------------------------------------------------------------------------
     @property
@@ -392,7 +394,7 @@ class App:
             def target() -> None:
                 self._finish(ex, run_sync(wf, ctx, args, kwargs))
 
-            threading.Thread(target=target, name=f"crashsafe-wf-{rec.id}", daemon=True).start()
+            self._threads.submit(target)
 
     def _finish(self, ex: Execution, outcome: Outcome) -> None:
         if outcome.kind == "store_error":

@@ -20,6 +20,7 @@ import datetime as dt
 import enum
 import inspect
 import math
+import types
 import typing
 import uuid
 from decimal import Decimal
@@ -189,6 +190,9 @@ def encode(value: Any, what: str) -> tuple[bytes, bool]:
         ) from None
     except RecursionError:
         raise SerializationError(f"{what}: value is nested too deeply to store") from None
+    except (ValueError, OverflowError, msgspec.EncodeError) as exc:
+        # Lone surrogates in strings, integers past the encoder's limits, ...
+        raise SerializationError(f"{what}: value cannot be stored: {exc}") from None
 
 
 def decode(data: bytes, what: str = "record") -> Any:
@@ -201,7 +205,7 @@ def decode(data: bytes, what: str = "record") -> Any:
         return raw
     try:
         return _revive(raw)
-    except (ValueError, TypeError, KeyError, IndexError, RecursionError) as exc:
+    except (ValueError, TypeError, KeyError, IndexError, RecursionError, ArithmeticError) as exc:
         raise CorruptRecordError(f"{what} holds a malformed tagged value: {exc}") from None
 
 
@@ -294,8 +298,18 @@ def _type_name(tp: Any) -> str:
 
 
 def resolve_hints(fn: Any) -> dict[str, Any]:
-    """Type hints of ``fn``; unresolvable forward references count as unannotated."""
+    """Type hints of ``fn``. A hint that cannot be resolved (a forward reference to a
+    name the module does not define) counts as no annotation rather than a string."""
     try:
         return typing.get_type_hints(fn)
-    except Exception:  # a NameError from a forward ref must not break decoration
-        return dict(getattr(fn, "__annotations__", {}) or {})
+    except Exception:  # one bad forward ref must not hide the good hints
+        pass
+    out: dict[str, Any] = {}
+    globalns = getattr(inspect.unwrap(fn), "__globals__", {})
+    for key, hint in (getattr(fn, "__annotations__", None) or {}).items():
+        shim = types.SimpleNamespace(__annotations__={key: hint}, __globals__=globalns)
+        try:
+            out[key] = typing.get_type_hints(shim)[key]
+        except Exception:  # unresolvable: treat as unannotated
+            continue
+    return out

@@ -41,12 +41,17 @@ class MemoryStore:
 
     def _apply_one(self, ops: Sequence[Op]) -> BaseException | None:
         # Validate first so a failing batch leaves nothing behind (one transaction).
+        seen: set[tuple[str, int]] = set()
         for op in ops:
-            if isinstance(op, JournalEntry) and op.index in self._journal.get(op.workflow_id, {}):
+            if not isinstance(op, JournalEntry):
+                continue
+            key = (op.workflow_id, op.index)
+            if key in seen or op.index in self._journal.get(op.workflow_id, {}):
                 return StoreConflictError(
                     f"workflow {op.workflow_id!r} already has a journal entry at index "
                     f"{op.index}; another executor is running it"
                 )
+            seen.add(key)
         for op in ops:
             if isinstance(op, JournalEntry):
                 self._journal.setdefault(op.workflow_id, {})[op.index] = copy.copy(op)
