@@ -23,7 +23,7 @@ from crashsafe.stores import Status
 from crashsafe.stores.sqlite import SQLiteStore
 
 sys.path.insert(0, str(Path(__file__).parent))
-from kill_worker import expected  # noqa: E402
+from kill_worker import expected
 
 WORKER = str(Path(__file__).with_name("kill_worker.py"))
 CAMPAIGNS = 5

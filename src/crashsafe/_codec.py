@@ -302,7 +302,7 @@ def resolve_hints(fn: Any) -> dict[str, Any]:
     name the module does not define) counts as no annotation rather than a string."""
     try:
         return typing.get_type_hints(fn)
-    except Exception:  # one bad forward ref must not hide the good hints
+    except Exception:  # noqa: S110 - one bad forward ref must not hide the good hints
         pass
     out: dict[str, Any] = {}
     globalns = getattr(inspect.unwrap(fn), "__globals__", {})
@@ -310,6 +310,6 @@ def resolve_hints(fn: Any) -> dict[str, Any]:
         shim = types.SimpleNamespace(__annotations__={key: hint}, __globals__=globalns)
         try:
             out[key] = typing.get_type_hints(shim)[key]
-        except Exception:  # unresolvable: treat as unannotated
+        except Exception:  # noqa: S112 - unresolvable: treat as unannotated
             continue
     return out

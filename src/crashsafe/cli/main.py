@@ -108,7 +108,9 @@ def _record_json(rec: WorkflowRecord) -> dict[str, Any]:
 
 @cli.command("ls")
 def ls_cmd(
-    status: Annotated[str | None, typer.Option(help="running, succeeded, failed, cancelled or dead_letter")] = None,
+    status: Annotated[
+        str | None, typer.Option(help="running, succeeded, failed, cancelled or dead_letter")
+    ] = None,
     name: Annotated[str | None, typer.Option(help="Only workflows with this name.")] = None,
     limit: Annotated[int, typer.Option(help="At most this many, newest first.")] = 50,
     as_json: JsonOption = False,
