@@ -421,20 +421,21 @@ class App:
         executors = self.store.get_executors(owners)
         now = time.time()
         dead = {o for o in owners if not executor_alive(executors.get(o), self.lease, now)}
+        claims = [
+            (wid, owner) for wid, owner, name in rows
+            if (owner is None or owner in dead) and wid not in self._executions
+            and name in self._workflows
+        ]
         handles: list[WorkflowHandle[Any]] = []
-        for wid, owner, name in rows:
-            if owner is not None and owner not in dead:
-                continue
-            if wid in self._executions or name not in self._workflows:
-                continue
-            res = self.store.claim_workflow(wid, owner, self.executor_id, self.max_recoveries)
-            if res.dead_lettered:
-                log.error("workflow %s dead-lettered: %s", wid, res.record and res.record.reason)
-                continue
-            if not res.claimed or res.record is None:
-                continue
-            if self._resume(res.record):
-                handles.append(WorkflowHandle(self, wid))
+        for start in range(0, len(claims), 500):
+            chunk = claims[start:start + 500]
+            results = self.store.claim_workflows(chunk, self.executor_id, self.max_recoveries)
+            for (wid, _), res in zip(chunk, results, strict=True):
+                if res.dead_lettered:
+                    log.error("workflow %s dead-lettered: %s", wid,
+                              res.record and res.record.reason)
+                elif res.claimed and res.record is not None and self._resume(res.record):
+                    handles.append(WorkflowHandle(self, wid))
         return handles
 
     def _resume(self, rec: WorkflowRecord) -> bool:

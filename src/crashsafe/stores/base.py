@@ -111,6 +111,13 @@ class ClaimResult:
     record: WorkflowRecord | None = None
 
 
+def dead_letter_reason(max_recoveries: int) -> str:
+    return (
+        f"recovered {max_recoveries} times without finishing (the process probably crashes "
+        "while running it); fix the cause, then `crashsafe resume`"
+    )
+
+
 @dataclass(slots=True)
 class ListFilter:
     status: Status | None = None
@@ -150,13 +157,15 @@ class Store(Protocol):
         """``(id, owner, name)`` of running workflows not owned by ``exclude_owner``."""
         ...
 
-    def claim_workflow(
-        self, workflow_id: str, expected_owner: str | None, new_owner: str, max_recoveries: int
-    ) -> ClaimResult:
-        """Atomically move a running workflow from ``expected_owner`` to ``new_owner``.
+    def claim_workflows(
+        self, claims: Sequence[tuple[str, str | None]], new_owner: str, max_recoveries: int
+    ) -> list[ClaimResult]:
+        """Atomically move running workflows ``(id, expected_owner)`` to ``new_owner``.
 
-        Counts a recovery; past ``max_recoveries`` the workflow becomes a dead letter
-        instead. Fails (``claimed=False``) when the owner changed meanwhile.
+        One result per claim, in order. Each counts a recovery; past
+        ``max_recoveries`` the workflow becomes a dead letter instead. A claim fails
+        (``claimed=False``) when the owner changed meanwhile. The whole list is one
+        transaction, so recovering thousands of workflows costs a few commits.
         """
         ...
 

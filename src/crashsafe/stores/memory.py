@@ -21,6 +21,7 @@ from .base import (
     Op,
     Status,
     WorkflowRecord,
+    dead_letter_reason,
 )
 
 
@@ -77,25 +78,25 @@ class MemoryStore:
             self._workflows[record.id] = copy.copy(record)
             return copy.copy(record), True
 
-    def claim_workflow(
-        self, workflow_id: str, expected_owner: str | None, new_owner: str, max_recoveries: int
-    ) -> ClaimResult:
+    def claim_workflows(
+        self, claims: Sequence[tuple[str, str | None]], new_owner: str, max_recoveries: int
+    ) -> list[ClaimResult]:
         with self._lock:
-            rec = self._workflows.get(workflow_id)
-            if rec is None or rec.status is not Status.RUNNING or rec.owner != expected_owner:
-                return ClaimResult(claimed=False)
-            rec.recovery_attempts += 1
-            if rec.recovery_attempts > max_recoveries:
-                rec.status = Status.DEAD_LETTER
-                rec.owner = None
-                rec.reason = (
-                    f"recovered {max_recoveries} times without finishing (the process "
-                    "probably crashes while running it); fix the cause, then "
-                    "`crashsafe resume`"
-                )
-                return ClaimResult(claimed=False, dead_lettered=True, record=copy.copy(rec))
-            rec.owner = new_owner
-            return ClaimResult(claimed=True, record=copy.copy(rec))
+            return [self._claim(wid, owner, new_owner, max_recoveries) for wid, owner in claims]
+
+    def _claim(self, workflow_id: str, expected_owner: str | None, new_owner: str,
+               max_recoveries: int) -> ClaimResult:
+        rec = self._workflows.get(workflow_id)
+        if rec is None or rec.status is not Status.RUNNING or rec.owner != expected_owner:
+            return ClaimResult(claimed=False)
+        rec.recovery_attempts += 1
+        if rec.recovery_attempts > max_recoveries:
+            rec.status = Status.DEAD_LETTER
+            rec.owner = None
+            rec.reason = dead_letter_reason(max_recoveries)
+            return ClaimResult(claimed=False, dead_lettered=True, record=copy.copy(rec))
+        rec.owner = new_owner
+        return ClaimResult(claimed=True, record=copy.copy(rec))
 
     def set_status(
         self,

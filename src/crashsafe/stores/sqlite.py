@@ -37,6 +37,7 @@ from .base import (
     Op,
     Status,
     WorkflowRecord,
+    dead_letter_reason,
 )
 
 SCHEMA_VERSION = 1
@@ -315,39 +316,41 @@ class SQLiteStore:
                                (record.id,)).fetchone()
             return _row_to_workflow(row), False
 
-    def claim_workflow(
-        self, workflow_id: str, expected_owner: str | None, new_owner: str, max_recoveries: int
-    ) -> ClaimResult:
-        with self._write(f"recovering workflow {workflow_id!r}") as conn:
-            row = conn.execute(
-                f"SELECT {_WF_COLS} FROM workflows WHERE id = ? AND status = 'running' "
-                "AND owner IS ?",
-                (workflow_id, expected_owner),
-            ).fetchone()
-            if row is None:
-                return ClaimResult(claimed=False)
-            rec = _row_to_workflow(row)
-            rec.recovery_attempts += 1
-            if rec.recovery_attempts > max_recoveries:
-                rec.status = Status.DEAD_LETTER
-                rec.owner = None
-                rec.reason = (
-                    f"recovered {max_recoveries} times without finishing (the process "
-                    "probably crashes while running it); fix the cause, then "
-                    "`crashsafe resume`"
-                )
-                conn.execute(
-                    "UPDATE workflows SET status = ?, owner = NULL, reason = ?, "
-                    "recovery_attempts = ? WHERE id = ?",
-                    (rec.status.value, rec.reason, rec.recovery_attempts, workflow_id),
-                )
-                return ClaimResult(claimed=False, dead_lettered=True, record=rec)
-            rec.owner = new_owner
+    def claim_workflows(
+        self, claims: Sequence[tuple[str, str | None]], new_owner: str, max_recoveries: int
+    ) -> list[ClaimResult]:
+        with self._write("recovering workflows") as conn:
+            return [self._claim(conn, wid, owner, new_owner, max_recoveries)
+                    for wid, owner in claims]
+
+    @staticmethod
+    def _claim(conn: sqlite3.Connection, workflow_id: str, expected_owner: str | None,
+               new_owner: str, max_recoveries: int) -> ClaimResult:
+        row = conn.execute(
+            f"SELECT {_WF_COLS} FROM workflows WHERE id = ? AND status = 'running' "
+            "AND owner IS ?",
+            (workflow_id, expected_owner),
+        ).fetchone()
+        if row is None:
+            return ClaimResult(claimed=False)
+        rec = _row_to_workflow(row)
+        rec.recovery_attempts += 1
+        if rec.recovery_attempts > max_recoveries:
+            rec.status = Status.DEAD_LETTER
+            rec.owner = None
+            rec.reason = dead_letter_reason(max_recoveries)
             conn.execute(
-                "UPDATE workflows SET owner = ?, recovery_attempts = ? WHERE id = ?",
-                (new_owner, rec.recovery_attempts, workflow_id),
+                "UPDATE workflows SET status = ?, owner = NULL, reason = ?, "
+                "recovery_attempts = ? WHERE id = ?",
+                (rec.status.value, rec.reason, rec.recovery_attempts, workflow_id),
             )
-            return ClaimResult(claimed=True, record=rec)
+            return ClaimResult(claimed=False, dead_lettered=True, record=rec)
+        rec.owner = new_owner
+        conn.execute(
+            "UPDATE workflows SET owner = ?, recovery_attempts = ? WHERE id = ?",
+            (new_owner, rec.recovery_attempts, workflow_id),
+        )
+        return ClaimResult(claimed=True, record=rec)
 
     def set_status(
         self,
