@@ -257,14 +257,7 @@ class App:
     def close(self, timeout: float = 5.0) -> None:
         """Stop serving. In-flight workflows stop at their next durable call and are
         left for recovery (by this process's successor or any other process)."""
-        self._closing.set()
-        with self._lock:
-            executions = list(self._executions.values())
-        for ex in executions:
-            ex.ctx.shutdown = True
-            ex.ctx.cancel_event.set()  # wakes durable sleeps; shutdown wins over cancel
-        deadline = time.monotonic() + timeout
-        clean = all(ex.done.wait(max(0.0, deadline - time.monotonic())) for ex in executions)
+        clean = self._abandon(timeout)
         if self._background is not None:
             self._background.join(timeout=2.0)
         if self._launched and clean:
@@ -281,6 +274,18 @@ class App:
         if self._owns_store and self._store is not None and clean:
             self._store.close()
 
+    def _abandon(self, timeout: float) -> bool:
+        """Stop serving and make every in-flight workflow stop at its next durable call
+        without recording more; True if all of them stopped within ``timeout``."""
+        self._closing.set()
+        with self._lock:
+            executions = list(self._executions.values())
+        for ex in executions:
+            ex.ctx.shutdown = True
+            ex.ctx.cancel_event.set()  # wakes durable sleeps; shutdown wins over cancel
+        deadline = time.monotonic() + timeout
+        return all(ex.done.wait(max(0.0, deadline - time.monotonic())) for ex in executions)
+
     def _serve(self) -> None:
         next_beat = next_sweep = time.monotonic()
         while not self._closing.wait(0.25):
@@ -293,8 +298,8 @@ class App:
                 if now >= next_sweep:
                     self.recover()
                     next_sweep = now + self.recovery_interval
-            except CrashsafeError as exc:  # the store hiccuped; try again on the next tick
-                log.warning("crashsafe background work failed: %s", exc)
+            except Exception as exc:  # keep serving; try again on the next tick
+                log.warning("crashsafe background work failed: %s", exc, exc_info=True)
 
     def _poll_cancellations(self) -> None:
         with self._lock:

@@ -72,6 +72,18 @@ def random() -> float:
     return value
 
 
+def _plan_sleep(ctx: WorkflowContext, secs: float) -> tuple[float, JournalEntry | None]:
+    """When this sleep ends, and the record to commit before sleeping (None on replay:
+    the recorded wake-up time stands, so a crash never restarts the timer)."""
+    idx, entry = ctx.begin("sleep", "sleep")
+    if entry is not None:
+        return float(_codec.decode(entry.output or b"0", "durable sleep")), None
+    at = time.time()
+    wake = at + secs
+    data, _ = _codec.encode(wake, "durable sleep")
+    return wake, JournalEntry(ctx.workflow_id, idx, "sleep", "sleep", data, None, 1, at, at)
+
+
 def sleep(duration: float | timedelta) -> None:
     """Sleep durably: after a crash, the workflow wakes at the originally planned time.
 
@@ -87,14 +99,9 @@ def sleep(duration: float | timedelta) -> None:
             "crashsafe.sleep() blocks; in an async workflow use "
             "`await crashsafe.sleep_async(...)`"
         )
-    idx, entry = ctx.begin("sleep", "sleep")
-    if entry is not None:
-        wake = float(_codec.decode(entry.output or b"0", "durable sleep"))
-    else:
-        at = time.time()
-        wake = at + secs
-        data, _ = _codec.encode(wake, "durable sleep")
-        ctx.commit([JournalEntry(ctx.workflow_id, idx, "sleep", "sleep", data, None, 1, at, at)])
+    wake, record = _plan_sleep(ctx, secs)
+    if record is not None:
+        ctx.commit([record])
     if ctx.check_only:
         return
     while (remaining := wake - time.time()) > 0:
@@ -112,16 +119,9 @@ async def sleep_async(duration: float | timedelta) -> None:
     if ctx is None:
         await asyncio.sleep(secs)
         return
-    idx, entry = ctx.begin("sleep", "sleep")
-    if entry is not None:
-        wake = float(_codec.decode(entry.output or b"0", "durable sleep"))
-    else:
-        at = time.time()
-        wake = at + secs
-        data, _ = _codec.encode(wake, "durable sleep")
-        await ctx.commit_async(
-            [JournalEntry(ctx.workflow_id, idx, "sleep", "sleep", data, None, 1, at, at)]
-        )
+    wake, record = _plan_sleep(ctx, secs)
+    if record is not None:
+        await ctx.commit_async([record])
     if ctx.check_only:
         return
     while (remaining := wake - time.time()) > 0:

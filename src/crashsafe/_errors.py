@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import builtins
 import traceback
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from . import exceptions as _exc
@@ -106,41 +107,43 @@ def _rebuild(type_key: str, message: str, args: list[Any] | None) -> BaseExcepti
         return None
 
 
+Wrapper = Callable[[str, str, str, str], Exception]
+
+
+def _recorded(owner: str, payload: bytes, wrap: Wrapper, what: str) -> BaseException:
+    type_key, message, args, tb = _fields(payload, what)
+    rebuilt = _rebuild(type_key, message, args)
+    return rebuilt if rebuilt is not None else wrap(owner, type_key, message, tb)
+
+
+def _live(owner: str, exc: BaseException, wrap: Wrapper) -> BaseException:
+    if rebuildable(exc):
+        return exc
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    err = wrap(owner, _type_key(type(exc)), str(exc), tb)
+    err.__cause__ = exc
+    return err
+
+
 def step_failure(step_name: str, payload: bytes) -> BaseException:
     """The exception a workflow sees for a recorded step failure."""
-    type_key, message, args, tb = _fields(payload, f"error of step {step_name!r}")
-    rebuilt = _rebuild(type_key, message, args)
-    if rebuilt is not None:
-        return rebuilt
-    return StepError(step_name, type_key, message, tb)
+    return _recorded(step_name, payload, StepError, f"error of step {step_name!r}")
 
 
 def live_step_failure(step_name: str, exc: Exception) -> BaseException:
     """What the first run raises: the original if replay can rebuild it, else StepError."""
-    if rebuildable(exc):
-        return exc
-    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    err = StepError(step_name, _type_key(type(exc)), str(exc), tb)
-    err.__cause__ = exc
-    return err
+    return _live(step_name, exc, StepError)
 
 
 def workflow_failure(workflow_id: str, payload: bytes) -> BaseException:
     """The exception ``result()`` raises for a failed workflow."""
-    type_key, message, args, tb = _fields(payload, f"error of workflow {workflow_id!r}")
-    rebuilt = _rebuild(type_key, message, args)
-    if rebuilt is not None:
-        return rebuilt
-    return WorkflowFailedError(workflow_id, type_key, message, tb)
+    return _recorded(workflow_id, payload, WorkflowFailedError,
+                     f"error of workflow {workflow_id!r}")
 
 
 def live_workflow_failure(workflow_id: str, exc: BaseException) -> BaseException:
-    if rebuildable(exc):
-        return exc
-    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    err = WorkflowFailedError(workflow_id, _type_key(type(exc)), str(exc), tb)
-    err.__cause__ = exc
-    return err
+    """What a handle in the running process raises for a workflow that just failed."""
+    return _live(workflow_id, exc, WorkflowFailedError)
 
 
 def describe(payload: bytes | None) -> str:

@@ -28,14 +28,7 @@ def simulate_crash(app: App, wait: float = 5.0) -> None:
     crash), its background thread stops, and its executor is marked dead so
     another app sharing the store may recover its workflows at once.
     """
-    app._closing.set()
-    with app._lock:
-        executions = list(app._executions.values())
-    for ex in executions:
-        ex.ctx.shutdown = True
-        ex.ctx.cancel_event.set()  # wake durable sleeps; the shutdown flag wins
-    for ex in executions:
-        ex.done.wait(wait)
+    app._abandon(wait)
     if app._launched:
         app.store.stop_executor(app.executor_id)
 

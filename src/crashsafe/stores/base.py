@@ -111,11 +111,21 @@ class ClaimResult:
     record: WorkflowRecord | None = None
 
 
-def dead_letter_reason(max_recoveries: int) -> str:
-    return (
-        f"recovered {max_recoveries} times without finishing (the process probably crashes "
-        "while running it); fix the cause, then `crashsafe resume`"
-    )
+def decide_claim(rec: WorkflowRecord, new_owner: str, max_recoveries: int) -> ClaimResult:
+    """Count one more recovery of ``rec`` (in place): hand it to ``new_owner``, or park
+    it as a dead letter once it has been recovered more than ``max_recoveries`` times.
+    Every backend calls this, then persists ``rec``."""
+    rec.recovery_attempts += 1
+    if rec.recovery_attempts > max_recoveries:
+        rec.status = Status.DEAD_LETTER
+        rec.owner = None
+        rec.reason = (
+            f"recovered {max_recoveries} times without finishing (the process probably "
+            "crashes while running it); fix the cause, then `crashsafe resume`"
+        )
+        return ClaimResult(claimed=False, dead_lettered=True, record=rec)
+    rec.owner = new_owner
+    return ClaimResult(claimed=True, record=rec)
 
 
 @dataclass(slots=True)

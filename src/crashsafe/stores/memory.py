@@ -21,7 +21,7 @@ from .base import (
     Op,
     Status,
     WorkflowRecord,
-    dead_letter_reason,
+    decide_claim,
 )
 
 
@@ -89,14 +89,9 @@ class MemoryStore:
         rec = self._workflows.get(workflow_id)
         if rec is None or rec.status is not Status.RUNNING or rec.owner != expected_owner:
             return ClaimResult(claimed=False)
-        rec.recovery_attempts += 1
-        if rec.recovery_attempts > max_recoveries:
-            rec.status = Status.DEAD_LETTER
-            rec.owner = None
-            rec.reason = dead_letter_reason(max_recoveries)
-            return ClaimResult(claimed=False, dead_lettered=True, record=copy.copy(rec))
-        rec.owner = new_owner
-        return ClaimResult(claimed=True, record=copy.copy(rec))
+        res = decide_claim(rec, new_owner, max_recoveries)
+        res.record = copy.copy(rec)
+        return res
 
     def set_status(
         self,

@@ -37,7 +37,7 @@ from .base import (
     Op,
     Status,
     WorkflowRecord,
-    dead_letter_reason,
+    decide_claim,
 )
 
 SCHEMA_VERSION = 1
@@ -334,23 +334,13 @@ class SQLiteStore:
         if row is None:
             return ClaimResult(claimed=False)
         rec = _row_to_workflow(row)
-        rec.recovery_attempts += 1
-        if rec.recovery_attempts > max_recoveries:
-            rec.status = Status.DEAD_LETTER
-            rec.owner = None
-            rec.reason = dead_letter_reason(max_recoveries)
-            conn.execute(
-                "UPDATE workflows SET status = ?, owner = NULL, reason = ?, "
-                "recovery_attempts = ? WHERE id = ?",
-                (rec.status.value, rec.reason, rec.recovery_attempts, workflow_id),
-            )
-            return ClaimResult(claimed=False, dead_lettered=True, record=rec)
-        rec.owner = new_owner
+        res = decide_claim(rec, new_owner, max_recoveries)
         conn.execute(
-            "UPDATE workflows SET owner = ?, recovery_attempts = ? WHERE id = ?",
-            (new_owner, rec.recovery_attempts, workflow_id),
+            "UPDATE workflows SET status = ?, owner = ?, reason = ?, recovery_attempts = ? "
+            "WHERE id = ?",
+            (rec.status.value, rec.owner, rec.reason, rec.recovery_attempts, workflow_id),
         )
-        return ClaimResult(claimed=True, record=rec)
+        return res
 
     def set_status(
         self,
