@@ -27,7 +27,7 @@ from .exceptions import (
     UnknownWorkflowError,
 )
 from .stores import ListFilter, Status, Store, WorkflowRecord, open_store
-from .stores.base import ExecutorRecord, JournalEntry
+from .stores.base import CreateWorkflow, ExecutorRecord, JournalEntry, WorkflowExists
 
 log = logging.getLogger("crashsafe")
 
@@ -331,25 +331,63 @@ class App:
         a value crashsafe cannot store fails now, naming the argument.
         Called inside a workflow, this starts a journaled child workflow.
         """
+        wf, inputs, parent = self._prepare(fn, args, kwargs, workflow_id)
+        if parent is not None:
+            return self._start_child(parent, wf, inputs, args, kwargs, workflow_id)
+        self.launch()
+        rec = self._new_record(wf, workflow_id or str(uuid.uuid4()), inputs, None)
+        try:
+            self._committer.commit([CreateWorkflow(rec)])
+        except WorkflowExists:
+            self._check_existing(wf, rec.id)
+        else:
+            self._run(wf, rec, list(args), dict(kwargs), [])
+        return WorkflowHandle(self, rec.id)
+
+    async def start_async(self, fn: Workflow[P, R] | str, *args: Any,
+                          workflow_id: str | None = None, **kwargs: Any) -> WorkflowHandle[R]:
+        """:meth:`start` for async callers: the store write does not block the loop,
+        and concurrent starts share a commit."""
+        wf, inputs, parent = self._prepare(fn, args, kwargs, workflow_id)
+        if parent is not None:
+            def child() -> WorkflowHandle[R]:
+                return self._start_child(parent, wf, inputs, args, kwargs, workflow_id)
+
+            return await asyncio.to_thread(child)
+        if not self._launched:
+            await asyncio.to_thread(self.launch)
+        rec = self._new_record(wf, workflow_id or str(uuid.uuid4()), inputs, None)
+        try:
+            await self._committer.commit_async([CreateWorkflow(rec)])
+        except WorkflowExists:
+            await asyncio.to_thread(self._check_existing, wf, rec.id)
+        else:
+            self._run(wf, rec, list(args), dict(kwargs), [])
+        return WorkflowHandle(self, rec.id)
+
+    def _prepare(self, fn: Workflow[Any, Any] | str, args: tuple[Any, ...],
+                 kwargs: dict[str, Any], workflow_id: str | None,
+                 ) -> tuple[Workflow[Any, Any], bytes, WorkflowContext | None]:
         wf = self._resolve(fn)
         if workflow_id is not None and (not isinstance(workflow_id, str) or not workflow_id):
             raise ConfigurationError(f"workflow_id must be a non-empty string, got {workflow_id!r}")
         inputs = wf.encode_inputs(args, kwargs)
         parent = _WORKFLOW.get() if _STEP.get() is None else None
-        if parent is not None:
-            return self._start_child(parent, wf, inputs, args, kwargs, workflow_id)
-        self.launch()
-        wid = workflow_id or str(uuid.uuid4())
-        self._create_and_run(wf, wid, inputs, args, kwargs, parent_id=None)
-        return WorkflowHandle(self, wid)
+        return wf, inputs, parent
 
-    async def start_async(self, fn: Workflow[P, R] | str, *args: Any,
-                          workflow_id: str | None = None, **kwargs: Any) -> WorkflowHandle[R]:
-        """:meth:`start` for async callers: the store write does not block the loop."""
-        def go() -> WorkflowHandle[R]:
-            return self.start(fn, *args, workflow_id=workflow_id, **kwargs)
+    def _new_record(self, wf: Workflow[Any, Any], wid: str, inputs: bytes,
+                    parent_id: str | None) -> WorkflowRecord:
+        now = time.time()
+        return WorkflowRecord(wid, wf.name, wf.version, Status.RUNNING, inputs, now, now,
+                              owner=self.executor_id, parent_id=parent_id)
 
-        return await asyncio.to_thread(go)
+    def _check_existing(self, wf: Workflow[Any, Any], wid: str) -> None:
+        stored = self.get_workflow(wid)
+        if stored.name != wf.name:
+            raise InvalidStateError(
+                f"workflow id {wid!r} already belongs to workflow {stored.name!r} "
+                f"(status {stored.status}); pick another id"
+            )
 
     def _start_child(self, parent: WorkflowContext, wf: Workflow[Any, Any], inputs: bytes,
                      args: tuple[Any, ...], kwargs: dict[str, Any],
@@ -359,28 +397,20 @@ class App:
             child_id = str(_codec.decode(entry.output or b'""', "child workflow id"))
             return WorkflowHandle(self, child_id)
         child_id = workflow_id or f"{parent.workflow_id}/{idx}"
-        self._create_and_run(wf, child_id, inputs, args, kwargs, parent_id=parent.workflow_id)
+        rec = self._new_record(wf, child_id, inputs, parent.workflow_id)
         data, _ = _codec.encode(child_id, "child workflow id")
         at = time.time()
-        parent.commit([JournalEntry(parent.workflow_id, idx, "child", wf.name, data, None, 1,
-                                    at, at)])
+        link = JournalEntry(parent.workflow_id, idx, "child", wf.name, data, None, 1, at, at)
+        try:
+            # The child's row and the parent's record of it commit together.
+            parent.commit([CreateWorkflow(rec), link])
+        except WorkflowExists:
+            # Started before a crash (or by someone else): record the link, run nothing.
+            self._check_existing(wf, child_id)
+            parent.commit([link])
+        else:
+            self._run(wf, rec, list(args), dict(kwargs), [])
         return WorkflowHandle(self, child_id)
-
-    def _create_and_run(self, wf: Workflow[Any, Any], wid: str, inputs: bytes,
-                        args: tuple[Any, ...], kwargs: dict[str, Any],
-                        parent_id: str | None) -> None:
-        now = time.time()
-        rec = WorkflowRecord(wid, wf.name, wf.version, Status.RUNNING, inputs, now, now,
-                             owner=self.executor_id, parent_id=parent_id)
-        stored, created = self.store.create_workflow(rec)
-        if not created:
-            if stored.name != wf.name:
-                raise InvalidStateError(
-                    f"workflow id {wid!r} already belongs to workflow {stored.name!r} "
-                    f"(status {stored.status}); pick another id"
-                )
-            return
-        self._run(wf, stored, list(args), dict(kwargs), [])
 
     def _run(self, wf: Workflow[Any, Any], rec: WorkflowRecord, args: list[Any],
              kwargs: dict[str, Any], journal: list[JournalEntry]) -> None:

@@ -57,16 +57,17 @@ def _known_type(key: str) -> type[BaseException] | None:
 
 
 def rebuildable(exc: BaseException) -> bool:
+    """Whether replay would rebuild an equal exception: known type, storable args, and a
+    constructor that takes its own ``args`` back and gives the same message."""
     key = _type_key(type(exc))
-    return _known_type(key) is type(exc) and _args_storable(exc)
-
-
-def _args_storable(exc: BaseException) -> bool:
+    if _known_type(key) is not type(exc):
+        return False
     try:
         encode(list(exc.args), "exception arguments")
     except SerializationError:
         return False
-    return True
+    trial = _rebuild(key, str(exc), list(exc.args))
+    return trial is not None and type(trial) is type(exc) and str(trial) == str(exc)
 
 
 def error_payload(exc: BaseException) -> bytes:

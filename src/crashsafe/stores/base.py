@@ -18,6 +18,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+from ..exceptions import StoreConflictError
+
 
 class Status(enum.StrEnum):
     """Lifecycle of a workflow."""
@@ -99,7 +101,23 @@ class FinishWorkflow:
     at: float = 0.0
 
 
-Op = JournalEntry | FinishWorkflow
+@dataclass(slots=True)
+class CreateWorkflow:
+    """Write op: insert a new workflow row; the batch fails with
+    :class:`WorkflowExists` if the id is taken (nothing of that batch is applied)."""
+
+    record: WorkflowRecord
+
+
+Op = JournalEntry | FinishWorkflow | CreateWorkflow
+
+
+class WorkflowExists(StoreConflictError):
+    """A :class:`CreateWorkflow` met an existing id; read that row instead."""
+
+    def __init__(self, workflow_id: str) -> None:
+        self.workflow_id = workflow_id
+        super().__init__(f"a workflow with id {workflow_id!r} already exists")
 
 
 @dataclass(slots=True)

@@ -14,12 +14,14 @@ from collections.abc import Sequence
 from ..exceptions import StoreConflictError
 from .base import (
     ClaimResult,
+    CreateWorkflow,
     ExecutorRecord,
     FinishWorkflow,
     JournalEntry,
     ListFilter,
     Op,
     Status,
+    WorkflowExists,
     WorkflowRecord,
     decide_claim,
 )
@@ -43,7 +45,14 @@ class MemoryStore:
     def _apply_one(self, ops: Sequence[Op]) -> BaseException | None:
         # Validate first so a failing batch leaves nothing behind (one transaction).
         seen: set[tuple[str, int]] = set()
+        creating: set[str] = set()
         for op in ops:
+            if isinstance(op, CreateWorkflow):
+                wid = op.record.id
+                if wid in self._workflows or wid in creating:
+                    return WorkflowExists(wid)
+                creating.add(wid)
+                continue
             if not isinstance(op, JournalEntry):
                 continue
             key = (op.workflow_id, op.index)
@@ -56,6 +65,8 @@ class MemoryStore:
         for op in ops:
             if isinstance(op, JournalEntry):
                 self._journal.setdefault(op.workflow_id, {})[op.index] = copy.copy(op)
+            elif isinstance(op, CreateWorkflow):
+                self._workflows[op.record.id] = copy.copy(op.record)
             else:
                 self._finish(op)
         return None

@@ -30,12 +30,14 @@ from ..exceptions import (
 )
 from .base import (
     ClaimResult,
+    CreateWorkflow,
     ExecutorRecord,
     FinishWorkflow,
     JournalEntry,
     ListFilter,
     Op,
     Status,
+    WorkflowExists,
     WorkflowRecord,
     decide_claim,
 )
@@ -95,6 +97,7 @@ _INSERT_ENTRY = (
     "INSERT INTO journal (workflow_id, idx, kind, name, output, error, attempts, started_at, "
     "ended_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
+_CREATE = f"INSERT INTO workflows ({_WF_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 _FINISH = (
     "UPDATE workflows SET status = ?, output = ?, error = ?, reason = ?, updated_at = ? "
     "WHERE id = ? AND status = 'running' AND owner = ?"
@@ -263,7 +266,10 @@ class SQLiteStore:
 
     @staticmethod
     def _conflict(ops: Sequence[Op], exc: sqlite3.Error) -> StoreConflictError:
-        wf = next((op.workflow_id for op in ops), "?")
+        create = next((op for op in ops if isinstance(op, CreateWorkflow)), None)
+        if create is not None and "workflows.id" in str(exc):
+            return WorkflowExists(create.record.id)
+        wf = next((op.workflow_id for op in ops if not isinstance(op, CreateWorkflow)), "?")
         return StoreConflictError(
             f"workflow {wf!r}: journal entry already recorded ({exc}); another executor "
             "is running this workflow"
@@ -271,6 +277,7 @@ class SQLiteStore:
 
     def _apply_txn(self, batches: Sequence[Sequence[Op]]) -> None:
         conn = self._w
+        creates: list[tuple[Any, ...]] = []
         entries: list[tuple[Any, ...]] = []
         finishes: list[tuple[Any, ...]] = []
         for ops in batches:
@@ -281,15 +288,24 @@ class SQLiteStore:
                 elif isinstance(op, FinishWorkflow):
                     finishes.append((op.status.value, op.output, op.error, op.reason, op.at,
                                      op.workflow_id, op.owner))
-        if len(entries) + len(finishes) == 1:
+                elif isinstance(op, CreateWorkflow):
+                    r = op.record
+                    creates.append((r.id, r.name, r.version, r.status.value, r.inputs, r.output,
+                                    r.error, r.owner, r.parent_id, r.created_at, r.updated_at,
+                                    r.recovery_attempts, r.reason))
+        if len(creates) + len(entries) + len(finishes) == 1:
             # One statement in autocommit mode is its own transaction: one fsync, one call.
             if entries:
                 conn.execute(_INSERT_ENTRY, entries[0])
-            else:
+            elif finishes:
                 conn.execute(_FINISH, finishes[0])
+            else:
+                conn.execute(_CREATE, creates[0])
             return
         conn.execute("BEGIN IMMEDIATE")
         try:
+            if creates:
+                conn.executemany(_CREATE, creates)
             if entries:
                 conn.executemany(_INSERT_ENTRY, entries)
             if finishes:
