@@ -170,6 +170,28 @@ def to_jsonable(value: Any) -> tuple[Any, bool]:
     return _walk(value, st), st.structured
 
 
+def _plain(v: Any, depth: int = 0) -> bool:
+    """True when ``v`` is JSON as it stands (no tags needed): the common case, which
+    then skips building a tagged copy."""
+    t = type(v)
+    if t in _SCALARS:
+        return True
+    if t is float:
+        return math.isfinite(v)
+    if depth > 32:
+        return False
+    if t is dict:
+        if len(v) == 1 and next(iter(v)) in _TAGS:
+            return False
+        for k, x in v.items():
+            if type(k) is not str or not (type(x) in _SCALARS or _plain(x, depth + 1)):
+                return False
+        return True
+    if t is list:
+        return all(type(x) in _SCALARS or _plain(x, depth + 1) for x in v)
+    return False
+
+
 def encode(value: Any, what: str) -> tuple[bytes, bool]:
     """Serialize ``value``; ``what`` names it in errors ("result of step 'x'").
 
@@ -177,6 +199,8 @@ def encode(value: Any, what: str) -> tuple[bytes, bool]:
     (which need a type annotation to be rebuilt).
     """
     try:
+        if _plain(value):
+            return _ENCODER.encode(value), False
         st = _State()
         data = _walk(value, st)
         return _ENCODER.encode(data), st.structured

@@ -1,10 +1,11 @@
 """Group commit: many workflows' journal writes share one transaction and one fsync.
 
-A thread that commits while nothing else is committing becomes the *leader* and
-writes its own batch at once, so a lone workflow pays exactly one transaction per
-step and no thread hand-off. Writers arriving while a commit is in flight queue up;
-when the leader finishes, a background thread takes everything queued and commits
-it as one transaction, and keeps doing so until the queue is empty. Async callers
+A thread that commits while nothing else is committing, and whose last transaction
+carried one writer only, becomes the *leader* and writes its own batch at once, so a
+lone workflow pays exactly one transaction per step and no thread hand-off. Writers
+arriving while a commit is in flight, or while recent transactions were shared,
+queue up; a background thread takes everything queued and commits it as one
+transaction, and keeps doing so until the queue is empty. Async callers
 always queue (a commit must not block the event loop) and are woken through their
 loop. Nobody is told their write succeeded before its transaction committed.
 """
@@ -29,7 +30,9 @@ class _Waiter:
     ) -> None:
         self.ops = ops
         self.error: BaseException | None = None
-        self.event: threading.Event | None = None
+        # A held lock is the cheapest one-shot signal: resolve() releases it, and the
+        # waiting thread's acquire() returns.
+        self.event: threading.Lock | None = None
         self.loop = loop
         self.future = future
 
@@ -38,7 +41,7 @@ class _Waiter:
         if self.future is not None and self.loop is not None:
             self.loop.call_soon_threadsafe(_settle, self.future, error)
         elif self.event is not None:
-            self.event.set()
+            self.event.release()
 
 
 def _settle(fut: asyncio.Future[None], error: BaseException | None) -> None:
@@ -62,6 +65,7 @@ class GroupCommitter:
         self._handoff = False
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._solo = True  # the last transaction carried one writer: commit inline
         self.transactions = 0
         self.batched_writes = 0
 
@@ -69,10 +73,15 @@ class GroupCommitter:
         """Durably apply ``ops`` (blocking); raise the store's error if it failed."""
         me = _Waiter(ops)
         with self._mutex:
-            if self._busy:
-                me.event = threading.Event()
+            if self._busy or not self._solo:
+                # Others are committing too: join the next shared transaction.
+                me.event = threading.Lock()
+                me.event.acquire()
                 self._queue.append(me)
                 lead = False
+                if not self._busy:
+                    self._busy = True
+                    self._hand_to_background()
             else:
                 self._busy = True
                 lead = True
@@ -86,7 +95,7 @@ class GroupCommitter:
             self._release()
         else:
             assert me.event is not None
-            me.event.wait()
+            me.event.acquire()
         if me.error is not None:
             raise me.error
 
@@ -109,6 +118,7 @@ class GroupCommitter:
             errors = [exc] * len(batch)
         self.transactions += 1
         self.batched_writes += len(batch)
+        self._solo = len(batch) == 1
         for waiter, error in zip(batch, errors, strict=True):
             waiter.resolve(error)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from contextvars import ContextVar
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .exceptions import NondeterminismError, NotInWorkflowError, WorkflowCancelled
@@ -23,25 +22,44 @@ class _ReplayEnd(BaseException):
     """A check-only replay reached the end of the recorded journal."""
 
 
-@dataclass(frozen=True, slots=True)
 class Current:
-    """What :func:`crashsafe.current` returns.
+    """What :func:`crashsafe.current` returns (read-only by convention).
 
     Inside a step, ``step_index``, ``step_name``, ``attempt`` (from 1) and
     ``idempotency_key`` describe the running step; in workflow code outside a step
     they are ``None``.
     """
 
-    workflow_id: str
-    workflow_name: str
-    step_index: int | None = None
-    step_name: str | None = None
-    attempt: int | None = None
-    idempotency_key: str | None = None
+    __slots__ = ("attempt", "step_index", "step_name", "workflow_id", "workflow_name")
+
+    def __init__(self, workflow_id: str, workflow_name: str, step_index: int | None = None,
+                 step_name: str | None = None, attempt: int | None = None) -> None:
+        self.workflow_id = workflow_id
+        self.workflow_name = workflow_name
+        self.step_index = step_index
+        self.step_name = step_name
+        self.attempt = attempt
+
+    @property
+    def idempotency_key(self) -> str | None:
+        """Stable across retries, crashes and processes: ``"<workflow id>:<step index>"``."""
+        if self.step_index is None:
+            return None
+        return idempotency_key(self.workflow_id, self.step_index)
 
     @property
     def in_step(self) -> bool:
         return self.step_index is not None
+
+    def __repr__(self) -> str:
+        return (f"Current(workflow_id={self.workflow_id!r}, step_index={self.step_index!r}, "
+                f"step_name={self.step_name!r}, attempt={self.attempt!r})")
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Current) and all(
+            getattr(self, k) == getattr(other, k) for k in self.__slots__)
+
+    __hash__ = None  # type: ignore[assignment]
 
 
 def idempotency_key(workflow_id: str, step_index: int) -> str:

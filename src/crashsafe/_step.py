@@ -15,7 +15,7 @@ from datetime import timedelta
 from typing import Any, Generic, ParamSpec, TypeVar
 
 from . import _codec
-from ._context import _STEP, _WORKFLOW, Current, WorkflowContext, idempotency_key
+from ._context import _STEP, _WORKFLOW, Current, WorkflowContext
 from ._errors import error_payload, live_step_failure, step_failure
 from .exceptions import NotInWorkflowError, SerializationError, StepTimeoutError
 from .stores.base import JournalEntry
@@ -143,8 +143,7 @@ class Step(Generic[P, R]):
 
     # -- first run ----------------------------------------------------------------------
     def _info(self, ctx: WorkflowContext, idx: int, attempt: int) -> Current:
-        return Current(ctx.workflow_id, ctx.workflow_name, idx, self.name, attempt,
-                       idempotency_key(ctx.workflow_id, idx))
+        return Current(ctx.workflow_id, ctx.workflow_name, idx, self.name, attempt)
 
     def _record_result(self, ctx: WorkflowContext, idx: int, result: Any, attempts: int,
                        started: float) -> JournalEntry:
