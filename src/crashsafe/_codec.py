@@ -23,6 +23,7 @@ import math
 import types
 import typing
 import uuid
+import zoneinfo
 from decimal import Decimal
 from typing import Any
 
@@ -134,11 +135,11 @@ def _walk_rare(v: Any, t: type, st: _State) -> Any:
     if t is bytes or t is bytearray:
         return {"$b": base64.b64encode(v).decode("ascii")}
     if t is dt.datetime:
-        return {"$dt": v.isoformat()}
+        return {"$dt": _clock(v)}
     if t is dt.date:
         return {"$date": v.isoformat()}
     if t is dt.time:
-        return {"$time": v.isoformat()}
+        return {"$time": _clock(v)}
     if t is dt.timedelta:
         return {"$td": [v.days, v.seconds, v.microseconds]}
     if t is uuid.UUID:
@@ -162,6 +163,40 @@ def _walk_rare(v: Any, t: type, st: _State) -> Any:
     if isinstance(v, list):
         return _walk(list(v), st)
     raise _Unsupported(v)
+
+
+def _clock(v: dt.datetime | dt.time) -> Any:
+    """ISO text when it round-trips exactly; otherwise [naive ISO, UTC offset in
+    microseconds, zone key, fold], which keeps sub-minute offsets, IANA zones
+    (by name) and the fold of repeated wall times."""
+    tz = v.tzinfo
+    offset = v.utcoffset() if tz is not None else None
+    key = getattr(tz, "key", None)
+    if v.fold == 0 and key is None and (
+        offset is None or (type(tz) is dt.timezone and offset % dt.timedelta(minutes=1) == _ZERO)
+    ):
+        return v.isoformat()
+    micros = None if offset is None else offset // dt.timedelta(microseconds=1)
+    return [v.replace(tzinfo=None).isoformat(), micros, key if isinstance(key, str) else None,
+            v.fold]
+
+
+_ZERO = dt.timedelta(0)
+
+
+def _unclock(arg: Any, parse: Any) -> Any:
+    if isinstance(arg, str):
+        return parse(arg)
+    if not (isinstance(arg, list) and len(arg) == 4 and isinstance(arg[0], str)):
+        raise TypeError("expects ISO text or [iso, offset, zone, fold]")
+    naive, micros, key, fold = arg
+    if key is not None:
+        tz: dt.tzinfo | None = zoneinfo.ZoneInfo(str(key))
+    elif micros is not None:
+        tz = dt.timezone(dt.timedelta(microseconds=int(micros)))
+    else:
+        tz = None
+    return parse(naive).replace(tzinfo=tz, fold=int(fold))
 
 
 def to_jsonable(value: Any) -> tuple[Any, bool]:
@@ -260,14 +295,14 @@ def _revive_tag(key: str, arg: Any) -> Any:
             raise TypeError("$td expects [days, seconds, microseconds]")
         days, secs, micros = (int(x) for x in arg)
         return dt.timedelta(days=days, seconds=secs, microseconds=micros)
+    if key == "$dt":
+        return _unclock(arg, dt.datetime.fromisoformat)
+    if key == "$time":
+        return _unclock(arg, dt.time.fromisoformat)
     if not isinstance(arg, str):
         raise TypeError(f"{key} expects a string")
-    if key == "$dt":
-        return dt.datetime.fromisoformat(arg)
     if key == "$date":
         return dt.date.fromisoformat(arg)
-    if key == "$time":
-        return dt.time.fromisoformat(arg)
     if key == "$uuid":
         return uuid.UUID(arg)
     if key == "$dec":
