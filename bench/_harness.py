@@ -208,6 +208,27 @@ def failures(measurements: Sequence[Measurement], case: str) -> list[Measurement
     return [m for m in measurements if m.case == case and not m.ok]
 
 
+def paired_ratios(
+    measurements: Sequence[Measurement], num: str, den: str, metric: str
+) -> list[float]:
+    """``num / den`` of ``metric`` within each repetition where both cases succeeded.
+
+    Runs of one repetition are close in time, so their ratio cancels slow phases of
+    the machine better than a ratio of medians taken over the whole run.
+    """
+    by_rep: dict[tuple[str, int], float] = {
+        (m.case, m.rep): float(m.result[metric])
+        for m in measurements
+        if m.ok and m.case in (num, den) and metric in m.result
+    }
+    reps = sorted({rep for _, rep in by_rep})
+    return [
+        by_rep[(num, rep)] / by_rep[(den, rep)]
+        for rep in reps
+        if (num, rep) in by_rep and (den, rep) in by_rep and by_rep[(den, rep)]
+    ]
+
+
 def ratio(a: float | None, b: float | None) -> float | None:
     if a is None or b is None or b == 0:
         return None

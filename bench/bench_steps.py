@@ -381,20 +381,34 @@ def report(
         b = h.metric_stats(measurements, den, "steps_per_s")
         med = h.ratio(a.median if a else None, b.median if b else None)
         best = h.ratio(a.max if a else None, b.max if b else None)
+        paired = h.Stats.of(h.paired_ratios(measurements, num, den, "steps_per_s"))
         verdict = "" if target is None or med is None else ("ok" if med >= target else "BELOW")
-        ratios.append({"num": num, "den": den, "median": med, "best": best, "target": target})
+        ratios.append(
+            {
+                "num": num,
+                "den": den,
+                "of_medians": med,
+                "of_bests": best,
+                "per_rep": paired.__dict__ if paired else None,
+                "target": target,
+            }
+        )
         ratio_rows.append(
             [
                 f"{num} / {den}",
                 h.fmt(med, 2),
                 h.fmt(best, 2),
+                h.fmt(paired.median if paired else None, 2),
+                f"{h.fmt(paired.min, 2)} .. {h.fmt(paired.max, 2)}" if paired else "-",
                 "" if target is None else f">= {target:.2f}",
                 verdict,
             ]
         )
     if ratio_rows:
         h.print_table(
-            "ratios of steps/s (same run)", ["ratio", "median", "best", "target", ""], ratio_rows
+            "ratios of steps/s, same run (verdict on the ratio of medians)",
+            ["ratio", "of medians", "of bests", "per-rep median", "per-rep range", "target", ""],
+            ratio_rows,
         )
     return {"summary": summary, "ratios": ratios}
 
