@@ -14,23 +14,45 @@ from typer.testing import CliRunner
 
 import crashsafe
 from crashsafe.cli.main import cli
-from crashsafe.stores.sqlite import SQLiteStore
+from crashsafe.stores.sqlite import MIGRATIONS, SCHEMA_VERSION, SQLiteStore
 
 GOLDEN = Path(__file__).parent / "golden"
 runner = CliRunner()
 
 
-def _golden_db(tmp_path: Path) -> str:
+GOLDEN_VERSIONS = sorted(int(p.stem.removeprefix("journal_v"))
+                         for p in GOLDEN.glob("journal_v*.sql"))
+
+
+def _golden_db(tmp_path: Path, version: int) -> str:
+    """A database as schema ``version`` wrote it (its golden rows were recorded then);
+    opening it with the current code must migrate it and keep every row."""
     db = tmp_path / "golden.db"
-    SQLiteStore(f"sqlite:///{db}").close()
     conn = sqlite3.connect(db)
-    conn.executescript((GOLDEN / "journal_v1.sql").read_text())
+    for migration in MIGRATIONS[:version]:
+        for statement in migration.split(";"):
+            if statement.strip():
+                conn.execute(statement)
+    conn.execute(f"PRAGMA user_version = {version}")
+    conn.executescript((GOLDEN / f"journal_v{version}.sql").read_text())
+    rows_before = conn.execute("SELECT COUNT(*) FROM journal").fetchone()[0]
+    conn.close()
+    store = SQLiteStore(f"sqlite:///{db}")
+    store.close()
+    conn = sqlite3.connect(db)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert conn.execute("SELECT COUNT(*) FROM journal").fetchone()[0] == rows_before
     conn.close()
     return f"sqlite:///{db}"
 
 
-def test_golden_journals_replay_clean_against_current_code(tmp_path: Path) -> None:
-    url = _golden_db(tmp_path)
+def test_every_schema_has_a_golden_journal() -> None:
+    assert GOLDEN_VERSIONS == list(range(1, SCHEMA_VERSION + 1))
+
+
+@pytest.mark.parametrize("version", GOLDEN_VERSIONS)
+def test_golden_journals_replay_clean_against_current_code(tmp_path: Path, version: int) -> None:
+    url = _golden_db(tmp_path, version)
     res = runner.invoke(cli, ["--db", url, "replay", str(GOLDEN / "golden_app.py"), "--json"])
     assert res.exit_code == 0, res.output
     reports = json.loads(res.output)
@@ -39,8 +61,9 @@ def test_golden_journals_replay_clean_against_current_code(tmp_path: Path) -> No
                         "golden-refund/6": "ok", "golden-question/5": "ok"}
 
 
-def test_replay_reports_a_renamed_step_as_nondeterminism(tmp_path: Path) -> None:
-    url = _golden_db(tmp_path)
+@pytest.mark.parametrize("version", GOLDEN_VERSIONS)
+def test_replay_reports_a_renamed_step_as_nondeterminism(tmp_path: Path, version: int) -> None:
+    url = _golden_db(tmp_path, version)
     res = runner.invoke(cli, ["--db", url, "replay", str(GOLDEN / "golden_app_changed.py"),
                               "--json"])
     assert res.exit_code == 1
@@ -93,7 +116,7 @@ def test_ls_show_cancel_resume(tmp_path: Path) -> None:
     assert [r["id"] for r in json.loads(res.output)] == ["S-1"]
 
     res = runner.invoke(cli, ["--db", url, "cancel", "S-1"])
-    assert res.exit_code == 1 and "already finished" in res.output
+    assert res.exit_code == 1 and "already cancelled" in res.output
 
     res = runner.invoke(cli, ["--db", url, "resume", "S-1"])
     assert res.exit_code == 0, res.output

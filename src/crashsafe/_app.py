@@ -433,8 +433,8 @@ class App:
 
     def _finish(self, ex: Execution, outcome: Outcome) -> None:
         if outcome.kind == "store_error":
-            log.error("workflow %s stopped: %s; it will be recovered when the store works",
-                      ex.ctx.workflow_id, outcome.error)
+            log.error("workflow %s stopped: %s; this process resumes it at its next recovery "
+                      "sweep once the store works", ex.ctx.workflow_id, outcome.error)
         ex.finish(outcome, self._lock)
         with self._lock:
             if self._executions.get(ex.ctx.workflow_id) is ex:
@@ -449,19 +449,29 @@ class App:
         workflows resumed here.
         """
         self._ensure_launched()
-        rows = self.store.running_workflows(self.executor_id)
+        rows = self.store.running_workflows("")
         if not rows:
             return []
-        owners = sorted({owner for _, owner, _ in rows if owner is not None})
+        handles: list[WorkflowHandle[Any]] = []
+        # Our own workflows that stopped without finishing (a store error interrupted
+        # them) are resumed here without a claim: they are ours already.
+        for wid, owner, name in rows:
+            if owner == self.executor_id and wid not in self._executions \
+                    and name in self._workflows:
+                rec = self.store.get_workflow(wid)
+                if rec is not None and rec.status is Status.RUNNING \
+                        and rec.owner == self.executor_id and self._resume(rec):
+                    handles.append(WorkflowHandle(self, wid))
+        others = [r for r in rows if r[1] != self.executor_id]
+        owners = sorted({owner for _, owner, _ in others if owner is not None})
         executors = self.store.get_executors(owners)
         now = time.time()
         dead = {o for o in owners if not executor_alive(executors.get(o), self.lease, now)}
         claims = [
-            (wid, owner) for wid, owner, name in rows
+            (wid, owner) for wid, owner, name in others
             if (owner is None or owner in dead) and wid not in self._executions
             and name in self._workflows
         ]
-        handles: list[WorkflowHandle[Any]] = []
         for start in range(0, len(claims), 500):
             chunk = claims[start:start + 500]
             results = self.store.claim_workflows(chunk, self.executor_id, self.max_recoveries)

@@ -349,6 +349,40 @@ def rebuild(value: Any, tp: Any, what: str) -> Any:
         ) from None
 
 
+def check_rebuild(value: Any, data: bytes, tp: Any, what: str) -> None:
+    """Fail now if replay would not rebuild ``value`` with the same types from ``data``
+    (for example a dataclass inside a ``dict`` annotated only as ``dict``)."""
+    rebuilt = rebuild(decode(data, what), tp, what)
+    if not _same_shape(value, rebuilt):
+        raise SerializationError(
+            f"{what}: replay would rebuild it as {_shape_name(rebuilt)} instead of "
+            f"{_shape_name(value)}; annotate the type precisely (for example "
+            "dict[str, MyDataclass] rather than dict)"
+        )
+
+
+def _shape_name(v: Any) -> str:
+    return type(v).__qualname__
+
+
+def _same_shape(a: Any, b: Any, depth: int = 0) -> bool:
+    if depth > 100:
+        return True
+    if type(a) is not type(b):
+        # A str/int enum member equals its value; a tuple may legitimately come back
+        # as a list only if the annotation says list, which the first run also got.
+        return False
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same_shape(a[k], b[k], depth + 1) for k in a)
+    if isinstance(a, list | tuple):
+        return len(a) == len(b) and all(
+            _same_shape(x, y, depth + 1) for x, y in zip(a, b, strict=True))
+    if dataclasses.is_dataclass(a) and not isinstance(a, type):
+        return all(_same_shape(getattr(a, f.name), getattr(b, f.name), depth + 1)
+                   for f in dataclasses.fields(a))
+    return True
+
+
 _BUILTINS = (bytes, bytearray, dt.datetime, dt.date, dt.time, dt.timedelta, uuid.UUID, Decimal)
 
 

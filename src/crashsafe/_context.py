@@ -71,7 +71,7 @@ class WorkflowContext:
     """Everything one running workflow needs: its id, its journal, its cursor."""
 
     __slots__ = (
-        "app", "cancel_event", "check_only", "executed", "is_async", "journal",
+        "app", "cancel_event", "check_only", "diverged", "executed", "is_async", "journal",
         "next_index", "patches", "pending", "replayed", "shutdown", "workflow_id",
         "workflow_name",
     )
@@ -99,6 +99,9 @@ class WorkflowContext:
         self.executed = 0
         self.replayed = 0
         self.patches: dict[str, bool] = {}
+        # Once replay diverged, every later durable call and the workflow's end raise it
+        # again, so an `except Exception` in workflow code cannot paper over it.
+        self.diverged: NondeterminismError | None = None
 
     @property
     def cancelled(self) -> bool:
@@ -113,6 +116,8 @@ class WorkflowContext:
     def begin(self, kind: str, name: str) -> tuple[int, JournalEntry | None]:
         """Take the next journal index; return the recorded entry there, if any."""
         self.check_interrupt()
+        if self.diverged is not None:
+            raise self.diverged
         idx = self.next_index
         self.next_index = idx + 1
         entry = self.journal.pop(idx, None)
@@ -121,9 +126,10 @@ class WorkflowContext:
                 raise _ReplayEnd
             return idx, None
         if entry.kind != kind or entry.name != name:
-            raise NondeterminismError(
+            self.diverged = NondeterminismError(
                 self.workflow_id, idx, f"{kind} {name!r}", f"{entry.kind} {entry.name!r}"
             )
+            raise self.diverged
         self.replayed += 1
         return idx, entry
 
@@ -131,14 +137,18 @@ class WorkflowContext:
         return self.journal.get(self.next_index)
 
     def leftover_check(self) -> None:
-        """After the workflow returned: every recorded entry must have been met."""
+        """After the workflow returned: every recorded entry must have been met, and no
+        divergence may have been caught and ignored."""
+        if self.diverged is not None:
+            raise self.diverged
         if self.journal:
             idx = min(self.journal)
             entry = self.journal[idx]
-            raise NondeterminismError(
+            self.diverged = NondeterminismError(
                 self.workflow_id, idx, "no further call (the workflow returned)",
                 f"{entry.kind} {entry.name!r}",
             )
+            raise self.diverged
 
     def commit(self, ops: list[Op]) -> None:
         if self.shutdown:

@@ -5,8 +5,10 @@ replay returns the same thing. Outside a workflow, or inside a step body (which 
 never replayed), they behave like their ordinary counterparts.
 
 Journaled values are not committed on their own: they ride along with the
-workflow's next commit. A crash before that commit loses a value nobody durable
-has seen yet, so a fresh one is equally valid.
+workflow's next commit, and a step body never starts before they are durable (a
+body may send them out, as an idempotency key for instance). A crash before that
+commit loses a value nothing outside the workflow has seen, so a fresh one is
+equally valid.
 """
 
 from __future__ import annotations
@@ -135,8 +137,12 @@ def patched(patch_id: str) -> bool:
 
     Workflows that reach this point for the first time take the new path (True) and
     record that; workflows whose journal was written by the old code (which had no
-    patch here) replay the old path (False). Once every old workflow has finished,
-    delete the check and the old path.
+    patch here) replay the old path (False).
+
+    Retiring a patch takes two deploys: once no workflow that started before the
+    patch is in flight, delete the *old path* but keep the ``patched(...)`` call
+    (its journal marker must still be met by workflows that recorded it); once those
+    have finished too, delete the call. ``crashsafe replay`` checks either step.
     """
     ctx = _workflow_only()
     if ctx is None:

@@ -44,10 +44,10 @@ class RetryPolicy:
 
     max_attempts: int = 3
     """Total attempts including the first. 1 means no retry."""
-    initial_delay: float = 0.5
-    """Seconds before the second attempt (before jitter)."""
-    max_delay: float = 30.0
-    """Upper bound of any single delay, in seconds."""
+    initial_delay: float | timedelta = 0.5
+    """Seconds (or a timedelta) before the second attempt, before jitter."""
+    max_delay: float | timedelta = 30.0
+    """Upper bound of any single delay (seconds or a timedelta)."""
     backoff: float = 2.0
     """Each delay is the previous one times this factor."""
     jitter: bool = True
@@ -60,8 +60,12 @@ class RetryPolicy:
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
             raise ValueError("RetryPolicy.max_attempts must be at least 1")
-        if self.initial_delay < 0 or self.max_delay < 0 or self.backoff < 1:
-            raise ValueError("RetryPolicy delays must be >= 0 and backoff >= 1")
+        # Stored as seconds from here on, so delay() does plain arithmetic.
+        object.__setattr__(self, "initial_delay",
+                           seconds(self.initial_delay, "RetryPolicy.initial_delay"))
+        object.__setattr__(self, "max_delay", seconds(self.max_delay, "RetryPolicy.max_delay"))
+        if self.backoff < 1:
+            raise ValueError("RetryPolicy.backoff must be >= 1")
 
     def delay(self, attempt: int, exc: BaseException) -> float | None:
         """Seconds to wait before attempt ``attempt + 1``, or None to give up."""
@@ -69,7 +73,8 @@ class RetryPolicy:
             return None
         if isinstance(exc, self.give_up_on) or not isinstance(exc, self.retry_on):
             return None
-        cap = min(self.max_delay, self.initial_delay * self.backoff ** (attempt - 1))
+        first, most = float(self.initial_delay), float(self.max_delay)  # type: ignore[arg-type]
+        cap = min(most, first * self.backoff ** (attempt - 1))
         return random.uniform(0, cap) if self.jitter else cap
 
 
@@ -86,6 +91,15 @@ def as_policy(retry: RetryPolicy | int | bool | None) -> RetryPolicy:
     if isinstance(retry, int):
         return RetryPolicy(max_attempts=retry)
     raise TypeError(f"retry must be a RetryPolicy, an int, a bool or None, not {retry!r}")
+
+
+async def _pause(ctx: WorkflowContext, seconds_: float) -> None:
+    """Sleep between attempts, waking early for a cancellation or shutdown."""
+    deadline = time.monotonic() + seconds_
+    while (left := deadline - time.monotonic()) > 0:
+        ctx.check_interrupt()
+        await asyncio.sleep(min(left, 0.25))
+    ctx.check_interrupt()
 
 
 class Step(Generic[P, R]):
@@ -149,12 +163,14 @@ class Step(Generic[P, R]):
                        started: float) -> JournalEntry:
         what = f"result of step {self.name!r}"
         data, structured = _codec.encode(result, what)
-        if structured and not _codec.needs_type(self.return_type):
-            raise SerializationError(
-                f"{what} holds a {type(result).__qualname__} (a dataclass, model or enum) "
-                "but the step has no return annotation; annotate the return type so replay "
-                "can rebuild the same object"
-            )
+        if structured:
+            if not _codec.needs_type(self.return_type):
+                raise SerializationError(
+                    f"{what} holds an object of type {type(result).__qualname__} (a "
+                    "dataclass, model or enum) but the step has no return annotation; "
+                    "annotate the return type so replay can rebuild the same object"
+                )
+            _codec.check_rebuild(result, data, self.return_type, what)
         return JournalEntry(ctx.workflow_id, idx, "step", self.name, data, None, attempts,
                             started, time.time())
 
@@ -189,6 +205,8 @@ class Step(Generic[P, R]):
         raise value
 
     def _run_sync(self, ctx: WorkflowContext, idx: int, args: Any, kwargs: Any) -> R:
+        if ctx.pending:
+            ctx.commit([])  # the body may send journaled values out: make them durable first
         started = time.time()
         attempt = 0
         while True:
@@ -215,6 +233,8 @@ class Step(Generic[P, R]):
                          args: Any, kwargs: Any) -> Any:
         if entry is not None:
             return self._replay(entry)
+        if ctx.pending:
+            await ctx.commit_async([])  # journaled values become durable before the body
         started = time.time()
         attempt = 0
         fn: Callable[..., Awaitable[Any]] = self.fn  # type: ignore[assignment]
@@ -238,8 +258,7 @@ class Step(Generic[P, R]):
                     await ctx.commit_async([self._record_error(ctx, idx, exc, attempt, started)])
                     ctx.executed += 1
                     raise live_step_failure(self.name, exc)  # noqa: B904 - cause set inside
-                await asyncio.sleep(wait)
-                ctx.check_interrupt()
+                await _pause(ctx, wait)
                 continue
             finally:
                 _STEP.reset(token)

@@ -80,14 +80,21 @@ class Workflow(Generic[P, R]):
             bound = self.signature.bind(*args, **kwargs)
         except TypeError as exc:
             raise TypeError(f"workflow {self.name!r}: {exc}") from None
+        params = self.signature.parameters
         for pname, value in bound.arguments.items():
             what = f"argument {pname!r} of workflow {self.name!r}"
-            _, structured = _codec.encode(value, what)
-            if structured and not _codec.needs_type(self.hints.get(pname, _EMPTY)):
+            data, structured = _codec.encode(value, what)
+            if not structured:
+                continue
+            tp = self.hints.get(pname, _EMPTY)
+            if not _codec.needs_type(tp):
                 raise SerializationError(
                     f"{what} holds a dataclass, model or enum but the parameter has no type "
                     "annotation; annotate it so recovery can rebuild the same object"
                 )
+            if params[pname].kind not in (inspect.Parameter.VAR_POSITIONAL,
+                                          inspect.Parameter.VAR_KEYWORD):
+                _codec.check_rebuild(value, data, tp, what)
         data, _ = _codec.encode({"args": list(args), "kwargs": kwargs},
                                 f"arguments of workflow {self.name!r}")
         return data
@@ -117,11 +124,14 @@ class Workflow(Generic[P, R]):
     def encode_result(self, value: Any) -> bytes:
         what = f"result of workflow {self.name!r}"
         data, structured = _codec.encode(value, what)
-        if structured and not _codec.needs_type(self.hints.get("return", _EMPTY)):
-            raise SerializationError(
-                f"{what} holds a dataclass, model or enum but the workflow has no return "
-                "annotation; annotate it so readers can rebuild the same object"
-            )
+        if structured:
+            tp = self.hints.get("return", _EMPTY)
+            if not _codec.needs_type(tp):
+                raise SerializationError(
+                    f"{what} holds a dataclass, model or enum but the workflow has no return "
+                    "annotation; annotate it so readers can rebuild the same object"
+                )
+            _codec.check_rebuild(value, data, tp, what)
         return data
 
     def decode_result(self, data: bytes | None, workflow_id: str) -> Any:
@@ -147,6 +157,8 @@ def _settle_success(wf: Workflow[Any, Any], ctx: WorkflowContext, value: Any) ->
 
 def _on_failure(wf: Workflow[Any, Any], ctx: WorkflowContext, exc: BaseException) -> Outcome:
     """Decide what a workflow that raised becomes; returns the outcome to report."""
+    if ctx.diverged is not None and not isinstance(exc, _Shutdown | WorkflowCancelled):
+        exc = ctx.diverged  # whatever the code raised after diverging, the cause is this
     if isinstance(exc, WorkflowCancelled):
         return Outcome("cancelled", error=exc)
     if isinstance(exc, _Shutdown | _ReplayEnd):
@@ -168,6 +180,8 @@ def _on_failure(wf: Workflow[Any, Any], ctx: WorkflowContext, exc: BaseException
         return Outcome("aborted", error=exc)  # KeyboardInterrupt, SystemExit: not recorded
     try:
         ctx.commit([_finish_op(ctx, Status.FAILED, error=error_payload(exc))])
+    except StoreConflictError as store_exc:
+        return Outcome("aborted", error=store_exc)  # cancelled or taken over meanwhile
     except StoreError as store_exc:
         return Outcome("store_error", error=store_exc)
     return Outcome("error", error=live_workflow_failure(ctx.workflow_id, exc))

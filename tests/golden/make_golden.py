@@ -1,7 +1,10 @@
 """Record the golden journals: ``python tests/golden/make_golden.py``.
 
 Runs the reference workflows of ``golden_app.py`` on a fresh SQLite file and writes
-its rows as SQL text to ``journal_v1.sql`` (reviewable in diffs, loaded by the tests).
+its rows as SQL text to ``journal_vN.sql``, N being the schema version that wrote
+them (reviewable in diffs). The tests build a database of that schema version, load
+the rows, and let the current code migrate it before replaying. Keep old files:
+each one proves that journals written by that schema still replay.
 """
 
 from __future__ import annotations
@@ -32,8 +35,11 @@ def main() -> None:
         lines = [line for line in conn.iterdump()
                  if line.startswith("INSERT INTO") and '"executors"' not in line]
         conn.close()
-    (HERE / "journal_v1.sql").write_text("\n".join(lines) + "\n")
-    print(f"wrote {len(lines)} rows to {HERE / 'journal_v1.sql'}")
+    from crashsafe.stores.sqlite import SCHEMA_VERSION
+
+    out = HERE / f"journal_v{SCHEMA_VERSION}.sql"
+    out.write_text("\n".join(lines) + "\n")
+    print(f"wrote {len(lines)} rows to {out}")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import datetime as dt
 import importlib
 import importlib.util
 import json
+import os
 import signal
 import sys
 import threading
@@ -21,8 +22,9 @@ from .. import _codec
 from .._app import App
 from .._errors import describe
 from ..exceptions import CrashsafeError
-from ..stores import Status, default_url, open_store
+from ..stores import Status, Store, default_url, open_store
 from ..stores.base import JournalEntry, WorkflowRecord
+from ..stores.sqlite import parse_sqlite_url
 
 cli = typer.Typer(
     name="crashsafe",
@@ -59,21 +61,33 @@ def _url(db: str | None) -> str:
     return db or state.db or default_url()
 
 
+def _explicit_url(db: str | None) -> str | None:
+    """The URL the user named (option or environment), or None to use the app's own."""
+    return db or state.db or os.environ.get("CRASHSAFE_DATABASE") or None
+
+
+def _check_status(status: str | None) -> None:
+    if status is not None and status not in {s.value for s in Status}:
+        raise _fail(f"unknown status {status!r}; use one of {', '.join(s.value for s in Status)}")
+
+
 def _fail(message: str, code: int = 2) -> typer.Exit:
     err.print(f"[bold red]error:[/] {message}", highlight=False)
     return typer.Exit(code)
 
 
-def _open_app(db: str | None) -> App:
-    url = _url(db)
-    if url.startswith("sqlite:") and "memory" not in url:
-        from ..stores.sqlite import parse_sqlite_url
-
+def _open_existing(url: str) -> Store:
+    """Open a store for reading or control; a SQLite file must exist already."""
+    if url.startswith("sqlite:"):
         path, _ = parse_sqlite_url(url)
         if not Path(path).exists():
             raise _fail(f"no database at {path!r} (from {url!r}); run `crashsafe demo` or "
                         "point --db / $CRASHSAFE_DATABASE at your database")
-    return App(store=open_store(url))
+    return open_store(url)
+
+
+def _open_app(db: str | None) -> App:
+    return App(store=_open_existing(_url(db)))
 
 
 def _when(ts: float | None) -> str:
@@ -117,8 +131,7 @@ def ls_cmd(
     db: DbOption = None,
 ) -> None:
     """List workflows, newest first."""
-    if status is not None and status not in {s.value for s in Status}:
-        raise _fail(f"unknown status {status!r}; use one of {', '.join(s.value for s in Status)}")
+    _check_status(status)
     try:
         app = _open_app(db)
         rows = app.list_workflows(status=status, name=name, limit=limit)
@@ -216,11 +229,13 @@ def cancel_cmd(
 ) -> None:
     """Cancel a running workflow (it stops at its next durable call)."""
     try:
-        done = _open_app(db).cancel(workflow_id, reason="cancelled from the command line")
+        app = _open_app(db)
+        done = app.cancel(workflow_id, reason="cancelled from the command line")
+        status = app.get_workflow(workflow_id).status
     except CrashsafeError as exc:
         raise _fail(str(exc)) from None
     if not done:
-        raise _fail(f"workflow {workflow_id!r} had already finished; nothing to cancel", 1)
+        raise _fail(f"workflow {workflow_id!r} is already {status}; nothing to cancel", 1)
     out.print(f"cancelled {workflow_id}")
 
 
@@ -283,10 +298,15 @@ def replay_cmd(
     """
     from .._replay import replay_workflow
 
+    _check_status(status)
     app = load_app(module)
     try:
-        app._store = open_store(_url(db))
-        app._owns_store = True
+        url = _explicit_url(db)
+        if url is not None:  # otherwise replay the database the app itself names
+            app._store = _open_existing(url)
+            app._owns_store = True
+        elif app._store is None:
+            app._store = _open_existing(app._url or default_url())
         rows = app.list_workflows(status=status, limit=limit)
         reports = [replay_workflow(app, r) for r in rows]
     except CrashsafeError as exc:
@@ -314,8 +334,9 @@ def worker_cmd(
 ) -> None:
     """Serve an app: recover orphaned workflows and keep recovering until stopped."""
     app = load_app(target)
-    if db or state.db:
-        app._store = open_store(_url(db))
+    url = _explicit_url(db)
+    if url is not None:
+        app._store = open_store(url)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:

@@ -56,7 +56,10 @@ class WorkflowRecord:
     output: bytes | None = None
     error: bytes | None = None
     recovery_attempts: int = 0
+    """Recoveries since the workflow last made progress (see :func:`decide_claim`)."""
     reason: str | None = None
+    recovery_mark: int = 0
+    """How many journal entries the workflow had at its last recovery."""
 
 
 @dataclass(slots=True)
@@ -112,6 +115,18 @@ class CreateWorkflow:
 Op = JournalEntry | FinishWorkflow | CreateWorkflow
 
 
+class WorkflowNotRunning(StoreConflictError):
+    """A :class:`FinishWorkflow` found the workflow no longer running under that owner
+    (cancelled meanwhile, or taken over); nothing of its batch was applied."""
+
+    def __init__(self, workflow_id: str) -> None:
+        self.workflow_id = workflow_id
+        super().__init__(
+            f"workflow {workflow_id!r} is no longer running under this process (cancelled "
+            "or taken over); its end was not recorded"
+        )
+
+
 class WorkflowExists(StoreConflictError):
     """A :class:`CreateWorkflow` met an existing id; read that row instead."""
 
@@ -129,11 +144,19 @@ class ClaimResult:
     record: WorkflowRecord | None = None
 
 
-def decide_claim(rec: WorkflowRecord, new_owner: str, max_recoveries: int) -> ClaimResult:
+def decide_claim(rec: WorkflowRecord, new_owner: str, max_recoveries: int,
+                 journal_length: int, at: float) -> ClaimResult:
     """Count one more recovery of ``rec`` (in place): hand it to ``new_owner``, or park
-    it as a dead letter once it has been recovered more than ``max_recoveries`` times.
+    it as a dead letter once it has been recovered more than ``max_recoveries`` times
+    *without progress*. A workflow whose journal grew since its last recovery starts
+    counting again, so a long-lived workflow that survives many unrelated crashes is
+    never parked; one that crashes its process at the same point every time is.
     Every backend calls this, then persists ``rec``."""
+    if journal_length > rec.recovery_mark:
+        rec.recovery_attempts = 0
+        rec.recovery_mark = journal_length
     rec.recovery_attempts += 1
+    rec.updated_at = at
     if rec.recovery_attempts > max_recoveries:
         rec.status = Status.DEAD_LETTER
         rec.owner = None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import threading
+import time
 from collections.abc import Sequence
 
 from ..exceptions import StoreConflictError
@@ -22,6 +23,7 @@ from .base import (
     Op,
     Status,
     WorkflowExists,
+    WorkflowNotRunning,
     WorkflowRecord,
     decide_claim,
 )
@@ -53,6 +55,11 @@ class MemoryStore:
                     return WorkflowExists(wid)
                 creating.add(wid)
                 continue
+            if isinstance(op, FinishWorkflow):
+                rec = self._workflows.get(op.workflow_id)
+                if rec is None or rec.status is not Status.RUNNING or rec.owner != op.owner:
+                    return WorkflowNotRunning(op.workflow_id)
+                continue
             if not isinstance(op, JournalEntry):
                 continue
             key = (op.workflow_id, op.index)
@@ -72,9 +79,7 @@ class MemoryStore:
         return None
 
     def _finish(self, op: FinishWorkflow) -> None:
-        rec = self._workflows.get(op.workflow_id)
-        if rec is None or rec.status is not Status.RUNNING or rec.owner != op.owner:
-            return
+        rec = self._workflows[op.workflow_id]  # checked by _apply_one
         rec.status = op.status
         rec.output = op.output
         rec.error = op.error
@@ -100,7 +105,8 @@ class MemoryStore:
         rec = self._workflows.get(workflow_id)
         if rec is None or rec.status is not Status.RUNNING or rec.owner != expected_owner:
             return ClaimResult(claimed=False)
-        res = decide_claim(rec, new_owner, max_recoveries)
+        res = decide_claim(rec, new_owner, max_recoveries,
+                           len(self._journal.get(workflow_id, {})), time.time())
         res.record = copy.copy(rec)
         return res
 
@@ -120,6 +126,7 @@ class MemoryStore:
                 return None
             rec.status = status
             rec.reason = reason
+            rec.updated_at = time.time()
             if clear_owner:
                 rec.owner = None
             if reset_recoveries:

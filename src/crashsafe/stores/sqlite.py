@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,11 +39,12 @@ from .base import (
     Op,
     Status,
     WorkflowExists,
+    WorkflowNotRunning,
     WorkflowRecord,
     decide_claim,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # Each entry upgrades the schema from version i to i + 1. Never edit a shipped entry:
 # append a new one.
@@ -87,17 +89,20 @@ MIGRATIONS: list[str] = [
         stopped INTEGER NOT NULL DEFAULT 0
     );
     """,
+    """
+    ALTER TABLE workflows ADD COLUMN recovery_mark INTEGER NOT NULL DEFAULT 0;
+    """,
 ]
 
 _WF_COLS = (
     "id, name, version, status, inputs, output, error, owner, parent_id, created_at, "
-    "updated_at, recovery_attempts, reason"
+    "updated_at, recovery_attempts, reason, recovery_mark"
 )
 _INSERT_ENTRY = (
     "INSERT INTO journal (workflow_id, idx, kind, name, output, error, attempts, started_at, "
     "ended_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
-_CREATE = f"INSERT INTO workflows ({_WF_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_CREATE = f"INSERT INTO workflows ({_WF_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 _FINISH = (
     "UPDATE workflows SET status = ?, output = ?, error = ?, reason = ?, updated_at = ? "
     "WHERE id = ? AND status = 'running' AND owner = ?"
@@ -150,7 +155,7 @@ def _row_to_workflow(row: tuple[Any, ...]) -> WorkflowRecord:
     return WorkflowRecord(
         id=row[0], name=row[1], version=row[2], status=Status(row[3]), inputs=row[4],
         output=row[5], error=row[6], owner=row[7], parent_id=row[8], created_at=row[9],
-        updated_at=row[10], recovery_attempts=row[11], reason=row[12],
+        updated_at=row[10], recovery_attempts=row[11], reason=row[12], recovery_mark=row[13],
     )
 
 
@@ -252,6 +257,9 @@ class SQLiteStore:
             except sqlite3.Error as exc:
                 err = _translate(exc, "committing the journal")
                 return [err] * len(batches)
+            except WorkflowNotRunning as exc:
+                if len(batches) == 1:
+                    return [exc]
             # One batch broke the shared transaction: apply them one by one.
             results: list[BaseException | None] = []
             for ops in batches:
@@ -260,6 +268,8 @@ class SQLiteStore:
                     results.append(None)
                 except sqlite3.IntegrityError as exc:
                     results.append(self._conflict(ops, exc))
+                except WorkflowNotRunning as exc:
+                    results.append(exc)
                 except sqlite3.Error as exc:
                     results.append(_translate(exc, "committing the journal"))
             return results
@@ -292,13 +302,14 @@ class SQLiteStore:
                     r = op.record
                     creates.append((r.id, r.name, r.version, r.status.value, r.inputs, r.output,
                                     r.error, r.owner, r.parent_id, r.created_at, r.updated_at,
-                                    r.recovery_attempts, r.reason))
+                                    r.recovery_attempts, r.reason, r.recovery_mark))
         if len(creates) + len(entries) + len(finishes) == 1:
             # One statement in autocommit mode is its own transaction: one fsync, one call.
             if entries:
                 conn.execute(_INSERT_ENTRY, entries[0])
             elif finishes:
-                conn.execute(_FINISH, finishes[0])
+                if conn.execute(_FINISH, finishes[0]).rowcount != 1:
+                    raise WorkflowNotRunning(finishes[0][5])
             else:
                 conn.execute(_CREATE, creates[0])
             return
@@ -308,8 +319,10 @@ class SQLiteStore:
                 conn.executemany(_CREATE, creates)
             if entries:
                 conn.executemany(_INSERT_ENTRY, entries)
-            if finishes:
-                conn.executemany(_FINISH, finishes)
+            if finishes and conn.executemany(_FINISH, finishes).rowcount != len(finishes):
+                # Some workflow was cancelled or taken over; only a one-batch
+                # transaction can say which, so this one is rolled back.
+                raise WorkflowNotRunning(finishes[0][5] if len(finishes) == 1 else "?")
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
@@ -320,11 +333,11 @@ class SQLiteStore:
     def create_workflow(self, record: WorkflowRecord) -> tuple[WorkflowRecord, bool]:
         with self._write(f"starting workflow {record.id!r}") as conn:
             cur = conn.execute(
-                f"INSERT INTO workflows ({_WF_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-                " ON CONFLICT (id) DO NOTHING",
+                _CREATE + " ON CONFLICT (id) DO NOTHING",
                 (record.id, record.name, record.version, record.status.value, record.inputs,
                  record.output, record.error, record.owner, record.parent_id, record.created_at,
-                 record.updated_at, record.recovery_attempts, record.reason),
+                 record.updated_at, record.recovery_attempts, record.reason,
+                 record.recovery_mark),
             )
             if cur.rowcount == 1:
                 return record, True
@@ -350,11 +363,14 @@ class SQLiteStore:
         if row is None:
             return ClaimResult(claimed=False)
         rec = _row_to_workflow(row)
-        res = decide_claim(rec, new_owner, max_recoveries)
+        length = conn.execute("SELECT COUNT(*) FROM journal WHERE workflow_id = ?",
+                              (workflow_id,)).fetchone()[0]
+        res = decide_claim(rec, new_owner, max_recoveries, length, time.time())
         conn.execute(
-            "UPDATE workflows SET status = ?, owner = ?, reason = ?, recovery_attempts = ? "
-            "WHERE id = ?",
-            (rec.status.value, rec.owner, rec.reason, rec.recovery_attempts, workflow_id),
+            "UPDATE workflows SET status = ?, owner = ?, reason = ?, recovery_attempts = ?, "
+            "recovery_mark = ?, updated_at = ? WHERE id = ?",
+            (rec.status.value, rec.owner, rec.reason, rec.recovery_attempts, rec.recovery_mark,
+             rec.updated_at, workflow_id),
         )
         return res
 
@@ -378,14 +394,16 @@ class SQLiteStore:
                 return None
             rec.status = status
             rec.reason = reason
+            rec.updated_at = time.time()
             if clear_owner:
                 rec.owner = None
             if reset_recoveries:
                 rec.recovery_attempts = 0
             conn.execute(
-                "UPDATE workflows SET status = ?, reason = ?, owner = ?, recovery_attempts = ? "
-                "WHERE id = ?",
-                (rec.status.value, rec.reason, rec.owner, rec.recovery_attempts, workflow_id),
+                "UPDATE workflows SET status = ?, reason = ?, owner = ?, recovery_attempts = ?, "
+                "updated_at = ? WHERE id = ?",
+                (rec.status.value, rec.reason, rec.owner, rec.recovery_attempts, rec.updated_at,
+                 workflow_id),
             )
             return rec
 
