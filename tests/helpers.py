@@ -57,7 +57,7 @@ class AppFactory:
 
     def close(self) -> None:
         for app in reversed(self.apps):
-            app.close(timeout=2.0)
+            app.close(timeout=1.0)
         self.apps.clear()
 
 

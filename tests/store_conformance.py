@@ -30,6 +30,7 @@ from crashsafe.stores import (
     Store,
     WorkflowRecord,
 )
+from crashsafe.stores.base import CreateWorkflow, WorkflowExists, WorkflowNotRunning
 
 StoreFactory = Callable[[], Store]
 Check = Callable[[StoreFactory], None]
@@ -77,6 +78,13 @@ def indexes(store: Store, wid: str) -> list[int]:
     return [e.index for e in store.load_journal(wid)]
 
 
+def claim(store: Store, wid: str, expected_owner: str | None, new_owner: str,
+          max_recoveries: int) -> ClaimResult:
+    results = store.claim_workflows([(wid, expected_owner)], new_owner, max_recoveries)
+    assert len(results) == 1
+    return results[0]
+
+
 def must_get(store: Store, wid: str) -> WorkflowRecord:
     rec = store.get_workflow(wid)
     assert rec is not None, f"workflow {wid!r} missing"
@@ -106,7 +114,7 @@ def workflow_record_round_trips_every_field(factory: StoreFactory) -> None:
             id="w/ünïcode 'quoted\"", name="n", version="7", status=Status.FAILED,
             inputs=bytes(range(256)) * 4, created_at=1234.5678901, updated_at=2345.25,
             owner=None, parent_id="parent-1", output=b"\x00out", error=b"\xffboom",
-            recovery_attempts=3, reason="because",
+            recovery_attempts=3, reason="because", recovery_mark=2,
         )
         store.create_workflow(rec)
         assert store.get_workflow(rec.id) == rec
@@ -246,7 +254,9 @@ def finish_applies_only_while_running_under_its_owner(factory: StoreFactory) -> 
     with opened(factory) as store:
         store.create_workflow(wf("w1", owner="ex-1"))
         wrong_owner = FinishWorkflow("w1", "ex-2", Status.SUCCEEDED, output=b"stolen", at=50.0)
-        assert store.apply([[wrong_owner]]) == [None]
+        (refused,) = store.apply([[wrong_owner]])
+        assert isinstance(refused, WorkflowNotRunning)
+        assert isinstance(refused, StoreConflictError)
         assert must_get(store, "w1").status is Status.RUNNING
         assert must_get(store, "w1").output is None
 
@@ -258,11 +268,12 @@ def finish_applies_only_while_running_under_its_owner(factory: StoreFactory) -> 
         assert rec.updated_at == 60.0
 
         late = FinishWorkflow("w1", "ex-1", Status.FAILED, error=b"late", at=70.0)
-        store.apply([[late]])
+        assert isinstance(store.apply([[late]])[0], WorkflowNotRunning)
         rec = must_get(store, "w1")
         assert rec.status is Status.SUCCEEDED
         assert rec.error is None
         assert rec.output == b"42"
+        assert rec.updated_at == 60.0
 
 
 @check
@@ -270,8 +281,46 @@ def finish_does_not_revive_a_cancelled_workflow(factory: StoreFactory) -> None:
     with opened(factory) as store:
         store.create_workflow(wf("w1", owner="ex-1"))
         assert store.set_status("w1", Status.CANCELLED, only_from=[Status.RUNNING]) is not None
-        store.apply([[FinishWorkflow("w1", "ex-1", Status.SUCCEEDED, output=b"1", at=1.0)]])
+        (refused,) = store.apply(
+            [[FinishWorkflow("w1", "ex-1", Status.SUCCEEDED, output=b"1", at=1.0)]])
+        assert isinstance(refused, WorkflowNotRunning)
         assert must_get(store, "w1").status is Status.CANCELLED
+
+
+@check
+def refused_finish_fails_only_its_batch_and_keeps_nothing_of_it(factory: StoreFactory) -> None:
+    with opened(factory) as store:
+        store.create_workflow(wf("mine", owner="ex-1"))
+        store.create_workflow(wf("taken", owner="ex-2"))
+        results = store.apply([
+            [entry("mine", 0), FinishWorkflow("mine", "ex-1", Status.SUCCEEDED, b"1", at=5.0)],
+            [entry("taken", 0), FinishWorkflow("taken", "ex-1", Status.SUCCEEDED, b"2", at=5.0)],
+        ])
+        assert results[0] is None
+        assert isinstance(results[1], WorkflowNotRunning)
+        assert must_get(store, "mine").status is Status.SUCCEEDED
+        assert must_get(store, "taken").status is Status.RUNNING
+        assert store.load_journal("taken") == []  # the refused batch's entry is gone too
+
+
+@check
+def create_op_inserts_once_and_fails_its_batch_on_a_taken_id(factory: StoreFactory) -> None:
+    with opened(factory) as store:
+        fresh = wf("new", owner="ex-1", created_at=7.0)
+        assert store.apply([[CreateWorkflow(fresh), entry("new", 0)]]) == [None]
+        assert must_get(store, "new") == fresh
+        assert indexes(store, "new") == [0]
+
+        results = store.apply([
+            [CreateWorkflow(wf("new", name="impostor")), entry("new", 1)],
+            [CreateWorkflow(wf("other"))],
+        ])
+        assert isinstance(results[0], WorkflowExists)
+        assert isinstance(results[0], StoreConflictError)
+        assert results[1] is None
+        assert must_get(store, "new").name == "flow"
+        assert indexes(store, "new") == [0]
+        assert must_get(store, "other").id == "other"
 
 
 @check
@@ -338,17 +387,17 @@ def concurrent_apply_from_many_threads_loses_nothing(factory: StoreFactory) -> N
 
 # -- ownership and status ---------------------------------------------------------------
 @check
-def claim_workflow_is_compare_and_swap_on_the_owner(factory: StoreFactory) -> None:
+def claim_is_compare_and_swap_on_the_owner(factory: StoreFactory) -> None:
     with opened(factory) as store:
         store.create_workflow(wf("w1", owner="dead"))
 
-        wrong = store.claim_workflow("w1", "someone-else", "me", max_recoveries=5)
+        wrong = claim(store, "w1", "someone-else", "me", max_recoveries=5)
         assert wrong.claimed is False
         assert wrong.dead_lettered is False
         assert must_get(store, "w1").owner == "dead"
         assert must_get(store, "w1").recovery_attempts == 0
 
-        res = store.claim_workflow("w1", "dead", "me", max_recoveries=5)
+        res = claim(store, "w1", "dead", "me", max_recoveries=5)
         assert res.claimed is True
         assert res.record is not None
         assert res.record.owner == "me"
@@ -359,38 +408,38 @@ def claim_workflow_is_compare_and_swap_on_the_owner(factory: StoreFactory) -> No
         assert rec.status is Status.RUNNING
 
         # A second claimer that read the old owner loses the race.
-        assert store.claim_workflow("w1", "dead", "other", max_recoveries=5).claimed is False
+        assert claim(store, "w1", "dead", "other", max_recoveries=5).claimed is False
         assert must_get(store, "w1").owner == "me"
 
 
 @check
-def claim_workflow_takes_ownerless_rows(factory: StoreFactory) -> None:
+def claim_takes_ownerless_rows(factory: StoreFactory) -> None:
     with opened(factory) as store:
         store.create_workflow(wf("w1", owner=None))
-        assert store.claim_workflow("w1", "ex-x", "me", max_recoveries=3).claimed is False
-        res = store.claim_workflow("w1", None, "me", max_recoveries=3)
+        assert claim(store, "w1", "ex-x", "me", max_recoveries=3).claimed is False
+        res = claim(store, "w1", None, "me", max_recoveries=3)
         assert res.claimed is True
         assert must_get(store, "w1").owner == "me"
 
 
 @check
-def claim_workflow_ignores_finished_and_missing(factory: StoreFactory) -> None:
+def claim_ignores_finished_and_missing(factory: StoreFactory) -> None:
     with opened(factory) as store:
         store.create_workflow(wf("w1", owner="dead", status=Status.SUCCEEDED))
-        assert store.claim_workflow("w1", "dead", "me", 3) == ClaimResult(claimed=False)
+        assert claim(store, "w1", "dead", "me", 3) == ClaimResult(claimed=False)
         assert must_get(store, "w1").recovery_attempts == 0
-        assert store.claim_workflow("missing", None, "me", 3).claimed is False
+        assert claim(store, "missing", None, "me", 3).claimed is False
 
 
 @check
-def claim_workflow_dead_letters_past_max_recoveries(factory: StoreFactory) -> None:
+def claim_dead_letters_past_max_recoveries(factory: StoreFactory) -> None:
     with opened(factory) as store:
         store.create_workflow(wf("w1", owner="ex-0"))
         for n in (1, 2):
-            res = store.claim_workflow("w1", f"ex-{n - 1}", f"ex-{n}", max_recoveries=2)
+            res = claim(store, "w1", f"ex-{n - 1}", f"ex-{n}", max_recoveries=2)
             assert res.claimed is True
             assert must_get(store, "w1").recovery_attempts == n
-        res = store.claim_workflow("w1", "ex-2", "ex-3", max_recoveries=2)
+        res = claim(store, "w1", "ex-2", "ex-3", max_recoveries=2)
         assert res.claimed is False
         assert res.dead_lettered is True
         assert res.record is not None
@@ -402,6 +451,46 @@ def claim_workflow_dead_letters_past_max_recoveries(factory: StoreFactory) -> No
         assert rec.reason
         assert "2" in rec.reason
         assert [r[0] for r in store.running_workflows("nobody")] == []
+
+
+@check
+def claim_counts_only_recoveries_without_progress(factory: StoreFactory) -> None:
+    with opened(factory) as store:
+        store.create_workflow(wf("w1", owner="ex-0"))
+        for n in range(1, 6):
+            store.apply([[entry("w1", n - 1)]])  # the workflow made progress in every life
+            res = claim(store, "w1", f"ex-{n - 1}", f"ex-{n}", max_recoveries=2)
+            assert res.claimed is True, f"recovery {n} after progress was refused"
+            assert must_get(store, "w1").recovery_attempts == 1
+        # No progress any more: the counter climbs to the limit and parks the workflow.
+        assert claim(store, "w1", "ex-5", "ex-6", max_recoveries=2).claimed is True
+        res = claim(store, "w1", "ex-6", "ex-7", max_recoveries=2)
+        assert res.dead_lettered is True
+        assert must_get(store, "w1").status is Status.DEAD_LETTER
+
+
+@check
+def claim_workflows_decides_each_claim_in_one_call(factory: StoreFactory) -> None:
+    with opened(factory) as store:
+        store.create_workflow(wf("a", owner="dead"))
+        store.create_workflow(wf("b", owner="alive"))
+        store.create_workflow(wf("c", owner="dead", recovery_attempts=1))
+        store.create_workflow(wf("d", owner=None))
+        results = store.claim_workflows(
+            [("a", "dead"), ("b", "dead"), ("c", "dead"), ("missing", None), ("d", None),
+             ("a", "dead")],  # the same workflow twice: the second claim sees the new owner
+            "me", 1,
+        )
+        assert [(r.claimed, r.dead_lettered) for r in results] == [
+            (True, False), (False, False), (False, True), (False, False), (True, False),
+            (False, False),
+        ]
+        assert must_get(store, "a").owner == "me"
+        assert must_get(store, "a").recovery_attempts == 1
+        assert must_get(store, "b").owner == "alive"
+        assert must_get(store, "c").status is Status.DEAD_LETTER
+        assert must_get(store, "d").owner == "me"
+        assert store.claim_workflows([], "me", 1) == []
 
 
 @check

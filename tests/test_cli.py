@@ -47,7 +47,7 @@ def _golden_db(tmp_path: Path, version: int) -> str:
 
 
 def test_every_schema_has_a_golden_journal() -> None:
-    assert GOLDEN_VERSIONS == list(range(1, SCHEMA_VERSION + 1))
+    assert list(range(1, SCHEMA_VERSION + 1)) == GOLDEN_VERSIONS
 
 
 @pytest.mark.parametrize("version", GOLDEN_VERSIONS)

@@ -232,10 +232,10 @@ class App:
     def _ensure_launched(self) -> bool:
         """Register and start the heartbeat once; True if this call did it."""
         with self._lock:
-            if self._launched:
-                return False
             if self._closing.is_set():
                 raise InvalidStateError("this App was closed; create a new one")
+            if self._launched:
+                return False
             self._launched = True
         now = time.time()
         pid = os.getpid()

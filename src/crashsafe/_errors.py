@@ -78,14 +78,17 @@ def error_payload(exc: BaseException) -> bytes:
     except SerializationError:
         args = None
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    # The first run decides whether this failure is rebuilt; replay follows the record,
+    # so both runs raise the same type even if the rules or the registry change.
     data, _ = encode(
-        {"type": _type_key(type(exc)), "message": str(exc), "args": args, "traceback": tb},
+        {"type": _type_key(type(exc)), "message": str(exc), "args": args, "traceback": tb,
+         "rebuild": rebuildable(exc)},
         "exception",
     )
     return data
 
 
-def _fields(payload: bytes, what: str) -> tuple[str, str, list[Any] | None, str]:
+def _fields(payload: bytes, what: str) -> tuple[str, str, list[Any] | None, str, bool]:
     info = decode(payload, what)
     if not isinstance(info, dict):
         info = {}
@@ -95,6 +98,7 @@ def _fields(payload: bytes, what: str) -> tuple[str, str, list[Any] | None, str]
         str(info.get("message", "")),
         args if isinstance(args, list) else None,
         str(info.get("traceback", "")),
+        info.get("rebuild") is True,
     )
 
 
@@ -112,8 +116,8 @@ Wrapper = Callable[[str, str, str, str], Exception]
 
 
 def _recorded(owner: str, payload: bytes, wrap: Wrapper, what: str) -> BaseException:
-    type_key, message, args, tb = _fields(payload, what)
-    rebuilt = _rebuild(type_key, message, args)
+    type_key, message, args, tb, rebuild = _fields(payload, what)
+    rebuilt = _rebuild(type_key, message, args) if rebuild else None
     return rebuilt if rebuilt is not None else wrap(owner, type_key, message, tb)
 
 
@@ -152,7 +156,7 @@ def describe(payload: bytes | None) -> str:
     if not payload:
         return ""
     try:
-        type_key, message, _, _ = _fields(payload, "error")
+        type_key, message, _, _, _ = _fields(payload, "error")
     except _exc.CrashsafeError as exc:
         return f"<unreadable error record: {exc}>"
     return f"{type_key.removeprefix('builtins.')}: {message}"

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from ._context import _WORKFLOW, _ReplayEnd
+from ._context import _STEP, _WORKFLOW, _ReplayEnd
 from ._errors import workflow_failure
 from ._step import seconds
 from .exceptions import (
@@ -66,38 +65,53 @@ class WorkflowHandle(Generic[R]):
         """
         limit = seconds(timeout, "timeout")
         deadline = None if limit is None else time.monotonic() + limit
+        # A workflow waiting on a child must still stop when it is cancelled or its
+        # app closes, so waits are sliced and the caller's interrupts checked.
+        caller = _WORKFLOW.get() if _STEP.get() is None else None
         ex = self._app._executions.get(self.workflow_id)
         if ex is not None:
-            if not ex.done.wait(limit):
-                raise self._timeout(limit)
+            while not ex.done.wait(_slice(deadline, 0.25)):
+                if caller is not None:
+                    caller.check_interrupt()
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise self._timeout(limit)
             local = self._local(ex)
             if local is not _POLL:
                 return local  # type: ignore[no-any-return]
         delay = 0.005
-        replaying = _WORKFLOW.get()
         while True:
             rec = self.record()
             if rec.status.terminal:
                 return self._from_record(rec)  # type: ignore[no-any-return]
-            if replaying is not None and replaying.check_only:
-                raise _ReplayEnd  # a check-only replay cannot wait for live work
+            if caller is not None:
+                if caller.check_only:
+                    raise _ReplayEnd  # a check-only replay cannot wait for live work
+                caller.check_interrupt()
             if deadline is not None and time.monotonic() >= deadline:
                 raise self._timeout(limit)
-            wait = delay if deadline is None else min(delay, max(0.0, deadline - time.monotonic()))
-            threading.Event().wait(wait)
+            if caller is not None:
+                caller.cancel_event.wait(_slice(deadline, delay))
+            else:
+                time.sleep(_slice(deadline, delay))
             delay = min(delay * 1.5, 0.5)
 
     async def result_async(self, timeout: float | timedelta | None = None) -> R:
         """The async form of :meth:`result`."""
         limit = seconds(timeout, "timeout")
         deadline = None if limit is None else time.monotonic() + limit
+        caller = _WORKFLOW.get() if _STEP.get() is None else None
         ex = self._app._executions.get(self.workflow_id)
         if ex is not None:
             fut = ex.future_for(asyncio.get_running_loop())
-            try:
-                await asyncio.wait_for(asyncio.shield(fut), limit)
-            except TimeoutError:
-                raise self._timeout(limit) from None
+            while True:
+                try:
+                    await asyncio.wait_for(asyncio.shield(fut), _slice(deadline, 0.25))
+                    break
+                except TimeoutError:
+                    if caller is not None:
+                        caller.check_interrupt()
+                    if deadline is not None and time.monotonic() >= deadline:
+                        raise self._timeout(limit) from None
             local = self._local(ex)
             if local is not _POLL:
                 return local  # type: ignore[no-any-return]
@@ -106,9 +120,13 @@ class WorkflowHandle(Generic[R]):
             rec = await asyncio.to_thread(self.record)
             if rec.status.terminal:
                 return self._from_record(rec)  # type: ignore[no-any-return]
+            if caller is not None:
+                if caller.check_only:
+                    raise _ReplayEnd
+                caller.check_interrupt()
             if deadline is not None and time.monotonic() >= deadline:
                 raise self._timeout(limit)
-            await asyncio.sleep(delay)
+            await asyncio.sleep(_slice(deadline, delay))
             delay = min(delay * 1.5, 0.5)
 
     def _timeout(self, limit: float | None) -> ResultTimeoutError:
@@ -153,3 +171,10 @@ class WorkflowHandle(Generic[R]):
 
 
 _POLL = object()
+
+
+def _slice(deadline: float | None, step: float) -> float:
+    """How long to wait next: ``step``, but never past ``deadline``."""
+    if deadline is None:
+        return step
+    return max(0.0, min(step, deadline - time.monotonic()))

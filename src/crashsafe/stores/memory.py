@@ -165,7 +165,7 @@ class MemoryStore:
                 and (flt.id_prefix is None or r.id.startswith(flt.id_prefix))
             ]
         rows.sort(key=lambda r: (r.created_at, r.id), reverse=True)
-        return rows[: flt.limit]
+        return rows[: max(0, flt.limit)]
 
     def load_journal(self, workflow_id: str) -> list[JournalEntry]:
         with self._lock:

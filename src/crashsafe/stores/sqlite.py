@@ -185,6 +185,7 @@ class SQLiteStore:
             )
         self._wlock = threading.Lock()
         self._rlock = threading.Lock()
+        self._closed = False
         try:
             self._w = self._connect(path, busy, sync)
             self._migrate()
@@ -201,8 +202,10 @@ class SQLiteStore:
         return conn
 
     def _migrate(self) -> None:
+        conn = self._w
+        if conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION:
+            return  # current already: readers need not queue behind a writer
         with self._wlock:
-            conn = self._w
             conn.execute("BEGIN IMMEDIATE")
             try:
                 current = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -221,9 +224,14 @@ class SQLiteStore:
                 conn.execute("ROLLBACK")
                 raise
 
+    def _check_open(self, doing: str) -> None:
+        if self._closed:
+            raise StoreUnavailableError(f"{doing}: this store was closed")
+
     @contextmanager
     def _write(self, doing: str) -> Iterator[sqlite3.Connection]:
         with self._wlock:
+            self._check_open(doing)
             conn = self._w
             try:
                 conn.execute("BEGIN IMMEDIATE")
@@ -240,6 +248,7 @@ class SQLiteStore:
 
     def _read(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         with self._rlock:
+            self._check_open("reading")
             try:
                 return self._r.execute(sql, params).fetchall()
             except sqlite3.Error as exc:
@@ -248,6 +257,9 @@ class SQLiteStore:
     # -- group commit -----------------------------------------------------------------
     def apply(self, batches: Sequence[Sequence[Op]]) -> list[BaseException | None]:
         with self._wlock:
+            if self._closed:
+                return [StoreUnavailableError("committing the journal: this store was closed")
+                        ] * len(batches)
             try:
                 self._apply_txn(batches)
                 return [None] * len(batches)
@@ -491,5 +503,8 @@ class SQLiteStore:
 
     def close(self) -> None:
         with self._wlock, self._rlock:
+            if self._closed:
+                return
+            self._closed = True
             self._w.close()
             self._r.close()
