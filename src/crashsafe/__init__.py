@@ -6,7 +6,16 @@ left off: completed steps return their recorded results instead of running again
 
 from ._app import App
 from ._context import Current, current
-from ._durable import now, patched, random, sleep, sleep_async, uuid4
+from ._durable import (
+    now,
+    patched,
+    random,
+    sleep,
+    sleep_async,
+    uuid4,
+    wait_for,
+    wait_for_async,
+)
 from ._errors import register_exception
 from ._handle import WorkflowHandle
 from ._step import RetryPolicy, Step
@@ -28,6 +37,7 @@ from .exceptions import (
     StoreFullError,
     StoreUnavailableError,
     UnknownWorkflowError,
+    WaitTimeoutError,
     WorkflowCancelled,
     WorkflowCancelledError,
     WorkflowFailedError,
@@ -58,6 +68,7 @@ __all__ = [
     "StoreFullError",
     "StoreUnavailableError",
     "UnknownWorkflowError",
+    "WaitTimeoutError",
     "Workflow",
     "WorkflowCancelled",
     "WorkflowCancelledError",
@@ -72,4 +83,6 @@ __all__ = [
     "sleep",
     "sleep_async",
     "uuid4",
+    "wait_for",
+    "wait_for_async",
 ]

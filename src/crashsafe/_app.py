@@ -27,7 +27,13 @@ from .exceptions import (
     UnknownWorkflowError,
 )
 from .stores import ListFilter, Status, Store, WorkflowRecord, open_store
-from .stores.base import CreateWorkflow, ExecutorRecord, JournalEntry, WorkflowExists
+from .stores.base import (
+    ACTIVE_STATUSES,
+    CreateWorkflow,
+    ExecutorRecord,
+    JournalEntry,
+    WorkflowExists,
+)
 
 log = logging.getLogger("crashsafe")
 
@@ -282,7 +288,7 @@ class App:
             executions = list(self._executions.values())
         for ex in executions:
             ex.ctx.shutdown = True
-            ex.ctx.cancel_event.set()  # wakes durable sleeps; shutdown wins over cancel
+            ex.ctx.wake(cancel=True)  # wakes durable sleeps and waits; shutdown wins
         deadline = time.monotonic() + timeout
         return all(ex.done.wait(max(0.0, deadline - time.monotonic())) for ex in executions)
 
@@ -309,7 +315,7 @@ class App:
         for wid in self.store.cancelled_among(ids):
             ex = self._executions.get(wid)
             if ex is not None:
-                ex.ctx.cancel_event.set()
+                ex.ctx.wake(cancel=True)
 
     def _event_loop(self) -> asyncio.AbstractEventLoop:
         with self._lock:
@@ -459,7 +465,7 @@ class App:
             if owner == self.executor_id and wid not in self._executions \
                     and name in self._workflows:
                 rec = self.store.get_workflow(wid)
-                if rec is not None and rec.status is Status.RUNNING \
+                if rec is not None and rec.status.active \
                         and rec.owner == self.executor_id and self._resume(rec):
                     handles.append(WorkflowHandle(self, wid))
         others = [r for r in rows if r[1] != self.executor_id]
@@ -491,7 +497,7 @@ class App:
             args, kwargs = wf.decode_inputs(rec.inputs, rec.id)
             journal = self.store.load_journal(rec.id)
         except CrashsafeError as exc:
-            self.store.set_status(rec.id, Status.DEAD_LETTER, only_from=(Status.RUNNING,),
+            self.store.set_status(rec.id, Status.DEAD_LETTER, only_from=tuple(ACTIVE_STATUSES),
                                   reason=f"cannot resume: {exc}", clear_owner=True)
             log.error("workflow %s dead-lettered: %s", rec.id, exc)
             return False
@@ -520,20 +526,42 @@ class App:
         self.get_workflow(workflow_id)
         return self.store.load_journal(workflow_id)
 
+    def signal(self, workflow_id: str, name: str, payload: Any = None) -> None:
+        """Send the signal ``name`` with ``payload`` to a running or waiting workflow.
+
+        Durable once this returns: the workflow's n-th ``crashsafe.wait_for(name)``
+        receives the n-th signal of that name, whenever each was sent, in whichever
+        process the workflow runs. Raises :class:`UnknownWorkflowError` for an unknown
+        id and :class:`InvalidStateError` for a workflow that has finished.
+        """
+        if not isinstance(name, str) or not name:
+            raise ConfigurationError(f"the signal name must be a non-empty string, got {name!r}")
+        data, _ = _codec.encode(payload, f"payload of signal {name!r}")
+        if self.store.send_signal(workflow_id, name, data, time.time()) is None:
+            rec = self.get_workflow(workflow_id)  # raises UnknownWorkflowError if absent
+            raise InvalidStateError(
+                f"workflow {workflow_id!r} is {rec.status}; signals go to running or "
+                "waiting workflows only"
+            )
+        ex = self._executions.get(workflow_id)
+        if ex is not None:
+            ex.ctx.wake()
+
     def cancel(self, workflow_id: str, reason: str | None = None) -> bool:
         """Cancel a running workflow; False if it had already finished.
 
         The workflow stops at its next durable call with :class:`WorkflowCancelled`;
         its result becomes :class:`WorkflowCancelledError`.
         """
-        rec = self.store.set_status(workflow_id, Status.CANCELLED, only_from=(Status.RUNNING,),
+        rec = self.store.set_status(workflow_id, Status.CANCELLED,
+                                    only_from=(Status.RUNNING, Status.WAITING),
                                     reason=reason or "cancelled on request")
         if rec is None:
             self.get_workflow(workflow_id)  # raises UnknownWorkflowError if absent
             return False
         ex = self._executions.get(workflow_id)
         if ex is not None:
-            ex.ctx.cancel_event.set()
+            ex.ctx.wake(cancel=True)
         return True
 
     def resume(self, workflow_id: str) -> WorkflowHandle[Any]:

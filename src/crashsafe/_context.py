@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Sequence
 from contextvars import ContextVar
@@ -71,9 +72,9 @@ class WorkflowContext:
     """Everything one running workflow needs: its id, its journal, its cursor."""
 
     __slots__ = (
-        "app", "cancel_event", "check_only", "diverged", "executed", "is_async", "journal",
-        "next_index", "patches", "pending", "replayed", "shutdown", "workflow_id",
-        "workflow_name",
+        "_async_wake", "app", "cancel_event", "check_only", "diverged", "executed", "is_async",
+        "journal", "next_index", "patches", "pending", "replayed", "shutdown", "signal_event",
+        "waits", "workflow_id", "workflow_name",
     )
 
     def __init__(
@@ -95,6 +96,9 @@ class WorkflowContext:
         self.is_async = is_async
         self.check_only = check_only
         self.cancel_event = threading.Event()
+        self.signal_event = threading.Event()
+        self._async_wake: tuple[asyncio.AbstractEventLoop, asyncio.Future[None]] | None = None
+        self.waits: dict[str, int] = {}
         self.shutdown = False
         self.executed = 0
         self.replayed = 0
@@ -106,6 +110,31 @@ class WorkflowContext:
     @property
     def cancelled(self) -> bool:
         return self.cancel_event.is_set()
+
+    def wake(self, *, cancel: bool = False) -> None:
+        """Wake a durable wait (a signal arrived, or the workflow must stop)."""
+        if cancel:
+            self.cancel_event.set()
+        self.signal_event.set()
+        waiter = self._async_wake
+        if waiter is not None:
+            loop, fut = waiter
+            loop.call_soon_threadsafe(_resolve, fut)
+
+    async def sleep_until_woken(self, seconds: float) -> None:
+        """Async wait of at most ``seconds`` that :meth:`wake` cuts short."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        self._async_wake = (loop, fut)
+        try:
+            if self.signal_event.is_set() or self.cancel_event.is_set():
+                return
+            try:
+                await asyncio.wait_for(fut, seconds)
+            except TimeoutError:
+                pass
+        finally:
+            self._async_wake = None
 
     def check_interrupt(self) -> None:
         if self.shutdown:
@@ -165,6 +194,11 @@ class WorkflowContext:
             ops = self.pending + ops
             self.pending = []
         await self.app._committer.commit_async(ops)
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 _WORKFLOW: ContextVar[WorkflowContext | None] = ContextVar("crashsafe_workflow", default=None)

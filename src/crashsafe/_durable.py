@@ -23,9 +23,10 @@ from typing import Any
 
 from . import _codec
 from ._context import _STEP, _WORKFLOW, WorkflowContext
+from ._errors import error_payload, step_failure
 from ._step import seconds
-from .exceptions import NotInWorkflowError
-from .stores.base import JournalEntry
+from .exceptions import NotInWorkflowError, WaitTimeoutError
+from .stores.base import JournalEntry, MarkWaiting, Op
 
 _rng = _random.SystemRandom()
 
@@ -130,6 +131,125 @@ async def sleep_async(duration: float | timedelta) -> None:
         await asyncio.sleep(min(remaining, 0.5))
         ctx.check_interrupt()
     ctx.check_interrupt()
+
+
+def _check_wait(name: str, timeout: float | timedelta | None, what: str,
+                is_async: bool) -> tuple[WorkflowContext, float | None]:
+    ctx = _workflow_only()
+    if ctx is None:
+        raise NotInWorkflowError(f"{what} only makes sense in workflow code (outside steps)")
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{what}: the signal name must be a non-empty string, got {name!r}")
+    if ctx.is_async and not is_async:
+        raise NotInWorkflowError(
+            "crashsafe.wait_for() blocks; in an async workflow use "
+            "`await crashsafe.wait_for_async(...)`"
+        )
+    return ctx, seconds(timeout, f"{what} timeout")
+
+
+def _begin_wait(ctx: WorkflowContext, name: str, secs: float | None
+                ) -> tuple[int, float | None, list[Op]]:
+    """Take this wait's number among waits for ``name``, and its deadline (recorded
+    when the wait first began, so a crash does not restart the clock)."""
+    nth = ctx.waits.get(name, 0)
+    ctx.waits[name] = nth + 1
+    idx, entry = ctx.begin("wait", name)
+    if entry is not None:
+        deadline = _codec.decode(entry.output or b"null", "durable wait")
+        return nth, (float(deadline) if deadline is not None else None), []
+    at = time.time()
+    deadline = None if secs is None else at + secs
+    data, _ = _codec.encode(deadline, "durable wait")
+    return nth, deadline, [
+        JournalEntry(ctx.workflow_id, idx, "wait", name, data, None, 1, at, at),
+        MarkWaiting(ctx.workflow_id, ctx.app.executor_id, f"waiting for signal {name!r}"),
+    ]
+
+
+def _settle_wait(ctx: WorkflowContext, idx: int, name: str, nth: int,
+                 deadline: float | None) -> tuple[list[Op], Any] | None:
+    """The ops that record how the wait ended and its outcome, or None to keep waiting."""
+    payload = ctx.app.store.get_signal(ctx.workflow_id, name, nth)
+    at = time.time()
+    resume = MarkWaiting(ctx.workflow_id, ctx.app.executor_id, None)
+    if payload is not None:
+        entry = JournalEntry(ctx.workflow_id, idx, "signal", name, payload, None, 1, at, at)
+        return [entry, resume], _codec.decode(payload, f"signal {name!r}")
+    if deadline is not None and at >= deadline:
+        err = WaitTimeoutError(f"no signal {name!r} arrived for workflow "
+                               f"{ctx.workflow_id!r} before its deadline")
+        entry = JournalEntry(ctx.workflow_id, idx, "signal", name, None, error_payload(err), 1,
+                             at, at)
+        return [entry, resume], err
+    return None
+
+
+def _recorded_signal(entry: JournalEntry, name: str) -> Any:
+    if entry.error is not None:
+        raise step_failure(f"wait_for({name!r})", entry.error)
+    return _codec.decode(entry.output or b"null", f"signal {name!r}")
+
+
+def _outcome(value: Any) -> Any:
+    if isinstance(value, WaitTimeoutError):
+        raise value
+    return value
+
+
+def wait_for(name: str, timeout: float | timedelta | None = None) -> Any:
+    """Wait durably for the signal ``name`` and return its payload.
+
+    Send it with ``app.signal(workflow_id, name, payload)`` or
+    ``crashsafe signal ID NAME JSON``, from any process. While it waits the workflow's
+    status is ``waiting``; a crash does not lose the wait nor restart its ``timeout``
+    (seconds or a timedelta), after which :class:`~crashsafe.WaitTimeoutError` is
+    raised. The n-th ``wait_for(name)`` of a workflow receives the n-th signal of that
+    name, whenever it was sent. In an ``async def`` workflow use
+    ``await crashsafe.wait_for_async(...)``.
+    """
+    ctx, secs = _check_wait(name, timeout, "crashsafe.wait_for()", False)
+    nth, deadline, ops = _begin_wait(ctx, name, secs)
+    if ops:
+        ctx.commit(ops)
+    idx, entry = ctx.begin("signal", name)
+    if entry is not None:
+        return _recorded_signal(entry, name)
+    poll = 0.05
+    while True:
+        ctx.check_interrupt()
+        ctx.signal_event.clear()  # before looking: a signal sent after the look wakes us
+        settled = _settle_wait(ctx, idx, name, nth, deadline)
+        if settled is not None:
+            ops, value = settled
+            ctx.commit(ops)
+            return _outcome(value)
+        left = None if deadline is None else max(0.0, deadline - time.time())
+        ctx.signal_event.wait(poll if left is None else min(poll, left))
+        poll = min(poll * 2, 1.0)
+
+
+async def wait_for_async(name: str, timeout: float | timedelta | None = None) -> Any:
+    """The async form of :func:`wait_for`, for ``async def`` workflows."""
+    ctx, secs = _check_wait(name, timeout, "crashsafe.wait_for_async()", True)
+    nth, deadline, ops = _begin_wait(ctx, name, secs)
+    if ops:
+        await ctx.commit_async(ops)
+    idx, entry = ctx.begin("signal", name)
+    if entry is not None:
+        return _recorded_signal(entry, name)
+    poll = 0.05
+    while True:
+        ctx.check_interrupt()
+        ctx.signal_event.clear()  # before looking: a signal sent after the look wakes us
+        settled = await asyncio.to_thread(_settle_wait, ctx, idx, name, nth, deadline)
+        if settled is not None:
+            ops, value = settled
+            await ctx.commit_async(ops)
+            return _outcome(value)
+        left = None if deadline is None else max(0.0, deadline - time.time())
+        await ctx.sleep_until_woken(poll if left is None else min(poll, left))
+        poll = min(poll * 2, 1.0)
 
 
 def patched(patch_id: str) -> bool:

@@ -173,7 +173,8 @@ def _on_failure(wf: Workflow[Any, Any], ctx: WorkflowContext, exc: BaseException
         return Outcome("error", error=exc)
     if isinstance(exc, NondeterminismError):
         reason = f"nondeterminism: {exc}"
-        ctx.app.store.set_status(ctx.workflow_id, Status.DEAD_LETTER, only_from=(Status.RUNNING,),
+        ctx.app.store.set_status(ctx.workflow_id, Status.DEAD_LETTER,
+                                 only_from=(Status.RUNNING, Status.WAITING),
                                  reason=reason, clear_owner=True)
         return Outcome("dead_letter", error=exc)
     if not isinstance(exc, Exception):

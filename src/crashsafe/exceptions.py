@@ -14,6 +14,7 @@ The tree::
     ├── WorkflowCancelledError             result() of a cancelled workflow
     ├── DeadLetteredError                  result() of a workflow parked as dead letter
     ├── ResultTimeoutError (TimeoutError)  result(timeout=...) ran out
+    ├── WaitTimeoutError (TimeoutError)    wait_for(name, timeout=...) saw no signal in time
     ├── InvalidStateError (RuntimeError)   an operation the workflow's status does not allow
     └── StoreError                         the database failed; committed data is intact
         ├── StoreUnavailableError          cannot open / reach the database
@@ -120,6 +121,10 @@ class ResultTimeoutError(CrashsafeError, TimeoutError):
     """``result(timeout=...)`` ran out before the workflow finished."""
 
 
+class WaitTimeoutError(CrashsafeError, TimeoutError):
+    """``crashsafe.wait_for(name, timeout=...)`` saw no signal before its deadline."""
+
+
 class InvalidStateError(CrashsafeError, RuntimeError):
     """The workflow's current status does not allow this operation."""
 
@@ -169,6 +174,7 @@ __all__ = [
     "StoreFullError",
     "StoreUnavailableError",
     "UnknownWorkflowError",
+    "WaitTimeoutError",
     "WorkflowCancelled",
     "WorkflowCancelledError",
     "WorkflowFailedError",

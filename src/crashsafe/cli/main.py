@@ -104,6 +104,7 @@ def _secs(value: float) -> str:
 
 _STATUS_STYLE = {
     Status.RUNNING: "yellow",
+    Status.WAITING: "cyan",
     Status.SUCCEEDED: "green",
     Status.FAILED: "red",
     Status.CANCELLED: "magenta",
@@ -123,7 +124,8 @@ def _record_json(rec: WorkflowRecord) -> dict[str, Any]:
 @cli.command("ls")
 def ls_cmd(
     status: Annotated[
-        str | None, typer.Option(help="running, succeeded, failed, cancelled or dead_letter")
+        str | None,
+        typer.Option(help="running, waiting, succeeded, failed, cancelled or dead_letter"),
     ] = None,
     name: Annotated[str | None, typer.Option(help="Only workflows with this name.")] = None,
     limit: Annotated[int, typer.Option(help="At most this many, newest first.")] = 50,
@@ -237,6 +239,26 @@ def cancel_cmd(
     if not done:
         raise _fail(f"workflow {workflow_id!r} is already {status}; nothing to cancel", 1)
     out.print(f"cancelled {workflow_id}")
+
+
+@cli.command("signal")
+def signal_cmd(
+    workflow_id: Annotated[str, typer.Argument(help="The workflow id.")],
+    name: Annotated[str, typer.Argument(help="The signal name the workflow waits for.")],
+    payload: Annotated[str | None, typer.Argument(help="JSON payload (default: null).")] = None,
+    db: DbOption = None,
+) -> None:
+    """Send a signal (with a JSON payload) to a running or waiting workflow."""
+    try:
+        value = json.loads(payload) if payload is not None else None
+    except ValueError as exc:
+        raise _fail(f"the payload is not valid JSON ({exc}); quote it for your shell, "
+                    """for example '{"approved": true}'""") from None
+    try:
+        _open_app(db).signal(workflow_id, name, value)
+    except CrashsafeError as exc:
+        raise _fail(str(exc)) from None
+    out.print(f"sent signal {name!r} to {workflow_id}")
 
 
 @cli.command("resume")

@@ -26,6 +26,9 @@ class Status(enum.StrEnum):
 
     RUNNING = "running"
     """Started and owned by an executor (or awaiting recovery if its owner died)."""
+    WAITING = "waiting"
+    """Running, but parked until a signal arrives (``crashsafe.wait_for``); owned and
+    recovered exactly like a running workflow."""
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
@@ -34,10 +37,14 @@ class Status(enum.StrEnum):
 
     @property
     def terminal(self) -> bool:
-        return self is not Status.RUNNING
+        return self not in ACTIVE_STATUSES
+
+    @property
+    def active(self) -> bool:
+        return self in ACTIVE_STATUSES
 
 
-ACTIVE_STATUSES = (Status.RUNNING,)
+ACTIVE_STATUSES = frozenset({Status.RUNNING, Status.WAITING})
 
 
 @dataclass(slots=True)
@@ -105,6 +112,16 @@ class FinishWorkflow:
 
 
 @dataclass(slots=True)
+class MarkWaiting:
+    """Write op: park an active workflow as ``waiting`` with ``reason``, or set it back to
+    ``running`` when ``reason`` is None; only while ``owner`` still owns it."""
+
+    workflow_id: str
+    owner: str
+    reason: str | None
+
+
+@dataclass(slots=True)
 class CreateWorkflow:
     """Write op: insert a new workflow row; the batch fails with
     :class:`WorkflowExists` if the id is taken (nothing of that batch is applied)."""
@@ -112,7 +129,7 @@ class CreateWorkflow:
     record: WorkflowRecord
 
 
-Op = JournalEntry | FinishWorkflow | CreateWorkflow
+Op = JournalEntry | FinishWorkflow | CreateWorkflow | MarkWaiting
 
 
 class WorkflowNotRunning(StoreConflictError):
@@ -205,7 +222,8 @@ class Store(Protocol):
         ...
 
     def running_workflows(self, exclude_owner: str) -> list[tuple[str, str | None, str]]:
-        """``(id, owner, name)`` of running workflows not owned by ``exclude_owner``."""
+        """``(id, owner, name)`` of active (running or waiting) workflows not owned by
+        ``exclude_owner``."""
         ...
 
     def claim_workflows(
@@ -234,7 +252,16 @@ class Store(Protocol):
         ...
 
     def cancelled_among(self, workflow_ids: Sequence[str]) -> list[str]:
-        """Which of these workflows have been cancelled (or otherwise left ``running``)."""
+        """Which of these workflows have been cancelled (or otherwise stopped being active)."""
+        ...
+
+    def send_signal(self, workflow_id: str, name: str, payload: bytes, at: float) -> int | None:
+        """Queue a signal for an active workflow; its sequence number among signals of that
+        name (from 0), or None if there is no active workflow with this id."""
+        ...
+
+    def get_signal(self, workflow_id: str, name: str, nth: int) -> bytes | None:
+        """The payload of signal number ``nth`` (from 0) of that name, if it arrived."""
         ...
 
     def register_executor(self, record: ExecutorRecord) -> None: ...

@@ -20,6 +20,7 @@ from .base import (
     FinishWorkflow,
     JournalEntry,
     ListFilter,
+    MarkWaiting,
     Op,
     Status,
     WorkflowExists,
@@ -38,6 +39,7 @@ class MemoryStore:
         self._workflows: dict[str, WorkflowRecord] = {}
         self._journal: dict[str, dict[int, JournalEntry]] = {}
         self._executors: dict[str, ExecutorRecord] = {}
+        self._signals: dict[tuple[str, str], list[bytes]] = {}
 
     # -- writes ---------------------------------------------------------------------
     def apply(self, batches: Sequence[Sequence[Op]]) -> list[BaseException | None]:
@@ -55,9 +57,9 @@ class MemoryStore:
                     return WorkflowExists(wid)
                 creating.add(wid)
                 continue
-            if isinstance(op, FinishWorkflow):
+            if isinstance(op, FinishWorkflow | MarkWaiting):
                 rec = self._workflows.get(op.workflow_id)
-                if rec is None or rec.status is not Status.RUNNING or rec.owner != op.owner:
+                if rec is None or not rec.status.active or rec.owner != op.owner:
                     return WorkflowNotRunning(op.workflow_id)
                 continue
             if not isinstance(op, JournalEntry):
@@ -74,6 +76,10 @@ class MemoryStore:
                 self._journal.setdefault(op.workflow_id, {})[op.index] = copy.copy(op)
             elif isinstance(op, CreateWorkflow):
                 self._workflows[op.record.id] = copy.copy(op.record)
+            elif isinstance(op, MarkWaiting):
+                rec = self._workflows[op.workflow_id]
+                rec.status = Status.RUNNING if op.reason is None else Status.WAITING
+                rec.reason = op.reason
             else:
                 self._finish(op)
         return None
@@ -103,7 +109,7 @@ class MemoryStore:
     def _claim(self, workflow_id: str, expected_owner: str | None, new_owner: str,
                max_recoveries: int) -> ClaimResult:
         rec = self._workflows.get(workflow_id)
-        if rec is None or rec.status is not Status.RUNNING or rec.owner != expected_owner:
+        if rec is None or not rec.status.active or rec.owner != expected_owner:
             return ClaimResult(claimed=False)
         res = decide_claim(rec, new_owner, max_recoveries,
                            len(self._journal.get(workflow_id, {})), time.time())
@@ -177,7 +183,7 @@ class MemoryStore:
             return [
                 (r.id, r.owner, r.name)
                 for r in self._workflows.values()
-                if r.status is Status.RUNNING and r.owner != exclude_owner
+                if r.status.active and r.owner != exclude_owner
             ]
 
     def cancelled_among(self, workflow_ids: Sequence[str]) -> list[str]:
@@ -185,8 +191,22 @@ class MemoryStore:
             return [
                 i
                 for i in workflow_ids
-                if (r := self._workflows.get(i)) is not None and r.status is not Status.RUNNING
+                if (r := self._workflows.get(i)) is not None and not r.status.active
             ]
+
+    def send_signal(self, workflow_id: str, name: str, payload: bytes, at: float) -> int | None:
+        with self._lock:
+            rec = self._workflows.get(workflow_id)
+            if rec is None or not rec.status.active:
+                return None
+            queue = self._signals.setdefault((workflow_id, name), [])
+            queue.append(payload)
+            return len(queue) - 1
+
+    def get_signal(self, workflow_id: str, name: str, nth: int) -> bytes | None:
+        with self._lock:
+            queue = self._signals.get((workflow_id, name), [])
+            return queue[nth] if 0 <= nth < len(queue) else None
 
     def get_executors(self, ids: Sequence[str]) -> dict[str, ExecutorRecord]:
         with self._lock:

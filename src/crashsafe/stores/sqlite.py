@@ -36,6 +36,7 @@ from .base import (
     FinishWorkflow,
     JournalEntry,
     ListFilter,
+    MarkWaiting,
     Op,
     Status,
     WorkflowExists,
@@ -44,7 +45,7 @@ from .base import (
     decide_claim,
 )
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # Each entry upgrades the schema from version i to i + 1. Never edit a shipped entry:
 # append a new one.
@@ -92,6 +93,16 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE workflows ADD COLUMN recovery_mark INTEGER NOT NULL DEFAULT 0;
     """,
+    """
+    CREATE TABLE signals (
+        workflow_id TEXT NOT NULL,
+        name TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        payload BLOB NOT NULL,
+        sent_at REAL NOT NULL,
+        PRIMARY KEY (workflow_id, name, seq)
+    ) WITHOUT ROWID;
+    """,
 ]
 
 _WF_COLS = (
@@ -105,7 +116,11 @@ _INSERT_ENTRY = (
 _CREATE = f"INSERT INTO workflows ({_WF_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 _FINISH = (
     "UPDATE workflows SET status = ?, output = ?, error = ?, reason = ?, updated_at = ? "
-    "WHERE id = ? AND status = 'running' AND owner = ?"
+    "WHERE id = ? AND status IN ('running', 'waiting') AND owner = ?"
+)
+_MARK_WAITING = (
+    "UPDATE workflows SET status = ?, reason = ? "
+    "WHERE id = ? AND status IN ('running', 'waiting') AND owner = ?"
 )
 
 
@@ -302,6 +317,7 @@ class SQLiteStore:
         creates: list[tuple[Any, ...]] = []
         entries: list[tuple[Any, ...]] = []
         finishes: list[tuple[Any, ...]] = []
+        marks: list[tuple[Any, ...]] = []
         for ops in batches:
             for op in ops:
                 if type(op) is JournalEntry:
@@ -310,18 +326,24 @@ class SQLiteStore:
                 elif isinstance(op, FinishWorkflow):
                     finishes.append((op.status.value, op.output, op.error, op.reason, op.at,
                                      op.workflow_id, op.owner))
+                elif isinstance(op, MarkWaiting):
+                    marks.append(("running" if op.reason is None else "waiting", op.reason,
+                                  op.workflow_id, op.owner))
                 elif isinstance(op, CreateWorkflow):
                     r = op.record
                     creates.append((r.id, r.name, r.version, r.status.value, r.inputs, r.output,
                                     r.error, r.owner, r.parent_id, r.created_at, r.updated_at,
                                     r.recovery_attempts, r.reason, r.recovery_mark))
-        if len(creates) + len(entries) + len(finishes) == 1:
+        if len(creates) + len(entries) + len(finishes) + len(marks) == 1:
             # One statement in autocommit mode is its own transaction: one fsync, one call.
             if entries:
                 conn.execute(_INSERT_ENTRY, entries[0])
             elif finishes:
                 if conn.execute(_FINISH, finishes[0]).rowcount != 1:
                     raise WorkflowNotRunning(finishes[0][5])
+            elif marks:
+                if conn.execute(_MARK_WAITING, marks[0]).rowcount != 1:
+                    raise WorkflowNotRunning(marks[0][2])
             else:
                 conn.execute(_CREATE, creates[0])
             return
@@ -331,6 +353,8 @@ class SQLiteStore:
                 conn.executemany(_CREATE, creates)
             if entries:
                 conn.executemany(_INSERT_ENTRY, entries)
+            if marks and conn.executemany(_MARK_WAITING, marks).rowcount != len(marks):
+                raise WorkflowNotRunning(marks[0][2] if len(marks) == 1 else "?")
             if finishes and conn.executemany(_FINISH, finishes).rowcount != len(finishes):
                 # Some workflow was cancelled or taken over; only a one-batch
                 # transaction can say which, so this one is rolled back.
@@ -368,7 +392,7 @@ class SQLiteStore:
     def _claim(conn: sqlite3.Connection, workflow_id: str, expected_owner: str | None,
                new_owner: str, max_recoveries: int) -> ClaimResult:
         row = conn.execute(
-            f"SELECT {_WF_COLS} FROM workflows WHERE id = ? AND status = 'running' "
+            f"SELECT {_WF_COLS} FROM workflows WHERE id = ? AND status IN ('running', 'waiting') "
             "AND owner IS ?",
             (workflow_id, expected_owner),
         ).fetchone()
@@ -472,7 +496,7 @@ class SQLiteStore:
 
     def running_workflows(self, exclude_owner: str) -> list[tuple[str, str | None, str]]:
         rows = self._read(
-            "SELECT id, owner, name FROM workflows WHERE status = 'running' "
+            "SELECT id, owner, name FROM workflows WHERE status IN ('running', 'waiting') "
             "AND (owner IS NULL OR owner != ?)",
             (exclude_owner,),
         )
@@ -484,9 +508,29 @@ class SQLiteStore:
             chunk = list(workflow_ids[start:start + 500])
             marks = ", ".join("?" * len(chunk))
             out += [r[0] for r in self._read(
-                f"SELECT id FROM workflows WHERE id IN ({marks}) AND status != 'running'", chunk
+                f"SELECT id FROM workflows WHERE id IN ({marks}) "
+                "AND status NOT IN ('running', 'waiting')", chunk
             )]
         return out
+
+    def send_signal(self, workflow_id: str, name: str, payload: bytes, at: float) -> int | None:
+        with self._write(f"signalling workflow {workflow_id!r}") as conn:
+            row = conn.execute("SELECT status FROM workflows WHERE id = ?",
+                               (workflow_id,)).fetchone()
+            if row is None or row[0] not in ("running", "waiting"):
+                return None
+            seq = conn.execute(
+                "SELECT COALESCE(MAX(seq) + 1, 0) FROM signals WHERE workflow_id = ? AND name = ?",
+                (workflow_id, name),
+            ).fetchone()[0]
+            conn.execute("INSERT INTO signals (workflow_id, name, seq, payload, sent_at) "
+                         "VALUES (?, ?, ?, ?, ?)", (workflow_id, name, seq, payload, at))
+            return int(seq)
+
+    def get_signal(self, workflow_id: str, name: str, nth: int) -> bytes | None:
+        rows = self._read("SELECT payload FROM signals WHERE workflow_id = ? AND name = ? "
+                          "AND seq = ?", (workflow_id, name, nth))
+        return rows[0][0] if rows else None
 
     def get_executors(self, ids: Sequence[str]) -> dict[str, ExecutorRecord]:
         out: dict[str, ExecutorRecord] = {}
