@@ -7,12 +7,12 @@ import time
 from typing import Any
 
 import pytest
-from helpers import AppFactory, wait_until
 from typer.testing import CliRunner
 
 import crashsafe
 from crashsafe.cli.main import cli
 from crashsafe.testing import simulate_crash
+from helpers import AppFactory, wait_until
 
 
 def _register(app: crashsafe.App) -> dict[str, Any]:

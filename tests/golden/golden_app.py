@@ -59,3 +59,9 @@ def golden_ticket(ticket: dict[str, Any]) -> dict[str, Any]:
 async def golden_async(ticket_id: str) -> str:
     await crashsafe.sleep_async(0.01)
     return await notify(ticket_id)
+
+
+@app.workflow(name="golden_approval")
+def golden_approval(amount: float) -> dict[str, Any]:
+    decision = crashsafe.wait_for("approve", timeout=60)
+    return {"amount": amount, "approved": bool(decision["approved"])}

@@ -30,6 +30,9 @@ def main() -> None:
         g.app.start(g.golden_ticket, {"order_id": "B-2", "text": "where is it?"},
                     workflow_id="golden-question").result(timeout=30)
         g.app.start(g.golden_async, "T-9", workflow_id="golden-async").result(timeout=30)
+        approval = g.app.start(g.golden_approval, 120.0, workflow_id="golden-approval")
+        g.app.signal("golden-approval", "approve", {"approved": True, "by": "ops"})
+        approval.result(timeout=30)
         g.app.close()
         conn = sqlite3.connect(db)
         lines = [line for line in conn.iterdump()
