@@ -166,6 +166,8 @@ def _preview(entry: JournalEntry, width: int = 60) -> str:
         return f"[red]<unreadable: {exc}>[/]"
     if entry.kind == "sleep" and isinstance(value, float):
         return f"wake at {_when(value)}"
+    if entry.kind == "wait":
+        return f"deadline {_when(value)}" if isinstance(value, float) else "no deadline"
     text = repr(value)
     return text if len(text) <= width else text[: width - 1] + "…"
 
