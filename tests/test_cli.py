@@ -146,17 +146,26 @@ def test_clear_errors_for_unknown_ids_and_bad_urls(tmp_path: Path) -> None:
 def test_demo_end_to_end(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "crashsafe", "--db", f"sqlite:///{tmp_path / 'demo.db'}",
-         "demo", "--tickets", "12", "--kills", "2", "--concurrency", "4", "--json"],
+         "demo", "--tickets", "26", "--kills", "2", "--concurrency", "6", "--json"],
         capture_output=True, text=True, timeout=180, cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(proc.stdout)
     assert report["ok"] is True
-    assert report["completed"] == 12 and report["kills"] == 2
+    assert report["completed"] == 26 and report["kills"] == 2
     assert report["duplicate_refunds"] == 0 and report["lost_committed_steps"] == 0
     assert report["reexecuted_committed_steps"] == 0 and report["inconsistent_results"] == []
     assert all(k["recovery_s"] is not None for k in report["kill_log"])
+    # Every large refund waited for the operator, who answered each one by signal.
+    from crashsafe.demo import agent
+
+    escalations = sum(
+        agent.needs_person(agent.refund_rule(agent.order_facts(t["order_id"]),
+                                             agent.true_label(t["text"])))
+        for t in map(agent.make_ticket, range(26)))
+    assert escalations > 0
+    assert report["escalated"] == escalations
     # The database is left behind for `crashsafe ls`.
     res = runner.invoke(cli, ["--db", f"sqlite:///{tmp_path / 'demo.db'}", "ls", "--json",
                               "--limit", "100"])
-    assert len(json.loads(res.output)) == 12  # one workflow per ticket
+    assert len(json.loads(res.output)) == 26  # one workflow per ticket

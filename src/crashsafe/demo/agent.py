@@ -2,8 +2,9 @@
 
 Each ticket: look up the order (a tool), classify the message (a simulated LLM that
 fails a few percent of calls with rate limits, 5xx errors and timeouts), decide on a
-refund (another LLM call), issue the refund through a local payments service, wait a
-durable cool-off timer, and send a reply.
+refund (another LLM call), ask a person when the refund is large (a durable wait the
+demo's operator answers with a signal), issue the refund through a local payments
+service, wait a durable cool-off timer, and send a reply.
 
 The payments service and the reply outbox write to their own SQLite file, the
 *ledger*, which crashsafe never touches: it is the independent witness the demo's
@@ -83,13 +84,27 @@ def refund_rule(order: dict[str, Any], label: str) -> dict[str, Any]:
     return {"refund": False, "amount": 0.0, "reason": "no refund needed"}
 
 
+ESCALATE_ABOVE = 100.0  # refunds above this wait for a person's approval
+
+
+def needs_person(decision: dict[str, Any]) -> bool:
+    return bool(decision["refund"]) and float(decision["amount"]) > ESCALATE_ABOVE
+
+
+def person_approves(amount: float) -> bool:
+    """The demo's operator: approves escalated refunds up to 160, refuses larger ones."""
+    return amount <= 160.0
+
+
 def expected_result(ticket: dict[str, Any]) -> dict[str, Any]:
     """What an uninterrupted, fault-free run returns (the reply id aside)."""
     order = order_facts(ticket["order_id"])
     label = true_label(ticket["text"])
     decision = refund_rule(order, label)
-    return {"ticket": ticket["id"], "label": label,
-            "refunded": decision["amount"] if decision["refund"] else 0.0}
+    refunded = decision["amount"] if decision["refund"] else 0.0
+    if needs_person(decision) and not person_approves(decision["amount"]):
+        refunded = 0.0
+    return {"ticket": ticket["id"], "label": label, "refunded": refunded}
 
 
 class LLMError(Exception):
@@ -255,6 +270,12 @@ def build(url: str, ledger_path: str, fault_rate: float, seed: int) -> tuple[cra
         order = lookup_order(ticket["order_id"])
         label = classify(ticket["text"])
         decision = decide_refund(order, label)
+        if needs_person(decision):
+            # Too large to pay without a person: park until an operator answers.
+            verdict = crashsafe.wait_for("approval", timeout=120)
+            if not verdict["approved"]:
+                decision = {"refund": False, "amount": 0.0,
+                            "reason": f"refund refused by {verdict['by']}"}
         refunded = 0.0
         if decision["refund"]:
             issue_refund(order["order_id"], decision["amount"])

@@ -22,10 +22,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from .. import _codec
+from .._app import App
 from ..exceptions import CrashsafeError
 from ..stores import ListFilter, Status, open_store
 from ..stores.sqlite import parse_sqlite_url
-from .agent import expected_result, make_ticket
+from .agent import expected_result as expected_result
+from .agent import make_ticket, order_facts, person_approves, refund_rule, true_label
 
 RUN_LIMIT = 110.0  # seconds; the demo promises to finish in under two minutes
 
@@ -118,6 +120,31 @@ def run_demo(url: str, *, tickets: int, kills: int, seed: int | None, concurrenc
     failure: str | None = None
     prefix = f"{run_id}-"
 
+    signalled: dict[str, float] = {}  # workflow id -> when the operator answered
+    first_seen: dict[str, float] = {}
+    operator = App(store=store)
+
+    def answer_escalations() -> None:
+        """The demo's operator: answers each waiting ticket after a short think."""
+        waiting = store.list_workflows(ListFilter(status=Status.WAITING, id_prefix=prefix,
+                                                  limit=tickets + 10))
+        now = time.time()
+        for rec in waiting:
+            if rec.id in signalled:
+                continue
+            seen = first_seen.setdefault(rec.id, now + rng.uniform(0.2, 0.6))
+            if now < seen:
+                continue
+            ticket = make_ticket(int(rec.id.rsplit("-T", 1)[1]))
+            order = order_facts(ticket["order_id"])
+            amount = refund_rule(order, true_label(ticket["text"]))["amount"]
+            try:
+                operator.signal(rec.id, "approval", {"approved": person_approves(amount),
+                                                     "by": "demo-operator"})
+            except CrashsafeError:
+                continue  # it moved on meanwhile (cancelled or finished); nothing to answer
+            signalled[rec.id] = now
+
     def completed() -> int:
         rows = store.list_workflows(ListFilter(status=Status.SUCCEEDED, id_prefix=prefix,
                                                limit=tickets + 10))
@@ -131,6 +158,7 @@ def run_demo(url: str, *, tickets: int, kills: int, seed: int | None, concurrenc
         children.append(child)
         while True:
             time.sleep(0.05)
+            answer_escalations()
             done_count = completed()
             progress.update(task, completed=done_count,
                             description=f"tickets (kills {len(kill_log)}/{kills})")
@@ -171,7 +199,7 @@ def run_demo(url: str, *, tickets: int, kills: int, seed: int | None, concurrenc
     report = _verify(url, db_path, ledger_path, prefix, tickets, snapshots)
     report.update(seed=seed, run_id=run_id, kills=len(kill_log), kill_log=kill_log,
                   replayed_entries=resumed_entries, elapsed_s=round(elapsed, 2),
-                  database=url, ledger=ledger_path)
+                  database=url, ledger=ledger_path, escalated=len(signalled))
     if len(kill_log) < kills and failure is None:
         failure = f"only {len(kill_log)} of {kills} kills happened before the run finished"
     if failure:
@@ -266,6 +294,8 @@ def _print_report(console: Console, r: dict[str, Any]) -> None:
         text = f"{rec:.2f} s" if rec is not None else "n/a"
         table.add_row(f"  kill {i} at {k['killed_at']:.1f} s: restart to first resumed step",
                       text, mark(rec is not None and rec < 1.0))
+    table.add_row("large refunds escalated to a person (answered by signal)",
+                  str(r["escalated"]), "")
     table.add_row("step bodies run (ledger)", str(r["step_bodies_run"]), "")
     table.add_row("journal entries replayed instead of re-run", str(r["replayed_entries"]), "")
     table.add_row("steps re-run because a kill hit before their commit",
