@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Generic, ParamSpec, TypeVar
 
-from . import _codec
+from . import _codec, _faults
 from ._context import _STEP, _WORKFLOW, Current, WorkflowContext
 from ._errors import error_payload, live_step_failure, step_failure
 from .exceptions import NotInWorkflowError, SerializationError, StepTimeoutError
@@ -213,7 +213,11 @@ class Step(Generic[P, R]):
             attempt += 1
             token = _STEP.set(self._info(ctx, idx, attempt))
             try:
+                if _faults.ENABLED:
+                    _faults.point(f"step {self.name!r}: before body")
                 result = self._call_with_timeout(args, kwargs)
+                if _faults.ENABLED:
+                    _faults.point(f"step {self.name!r}: after body")
             except Exception as exc:
                 wait = self.retry.delay(attempt, exc)
                 if wait is None:
@@ -242,6 +246,8 @@ class Step(Generic[P, R]):
             attempt += 1
             token = _STEP.set(self._info(ctx, idx, attempt))
             try:
+                if _faults.ENABLED:
+                    _faults.point(f"step {self.name!r}: before body")
                 if self.timeout is None:
                     result = await fn(*args, **kwargs)
                 else:
@@ -252,6 +258,8 @@ class Step(Generic[P, R]):
                             f"step {self.name!r} ran longer than its timeout of "
                             f"{self.timeout:g} s"
                         ) from None
+                if _faults.ENABLED:
+                    _faults.point(f"step {self.name!r}: after body")
             except Exception as exc:
                 wait = self.retry.delay(attempt, exc)
                 if wait is None:

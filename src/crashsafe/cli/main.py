@@ -190,7 +190,7 @@ def show_cmd(
         data["journal"] = [
             {"index": e.index, "kind": e.kind, "name": e.name, "attempts": e.attempts,
              "started_at": e.started_at, "ended_at": e.ended_at,
-             "error": describe(e.error) or None}
+             "error": describe(e.error) or None, "note": e.note}
             for e in journal
         ]
         out.print_json(json.dumps(data))
@@ -214,6 +214,8 @@ def show_cmd(
         took = _secs(max(0.0, e.ended_at - e.started_at)) if e.kind == "step" else ""
         attempts = str(e.attempts) if e.kind == "step" else ""
         table.add_row(str(e.index), e.kind, e.name, at, took, attempts, _preview(e))
+        if e.note:
+            table.add_row("", "", "", "", "", "", f"[magenta]↳ {e.note}[/]")
     if journal:
         out.print(table)
     else:

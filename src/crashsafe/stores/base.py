@@ -83,6 +83,9 @@ class JournalEntry:
     attempts: int = 1
     started_at: float = 0.0
     ended_at: float = 0.0
+    note: str | None = None
+    """What else happened here, for the timeline (e.g. how an unknown outcome was
+    resolved); never read by replay."""
 
 
 @dataclass(slots=True)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from .. import _faults
 from ..exceptions import (
     ConfigurationError,
     StoreConflictError,
@@ -45,7 +46,7 @@ from .base import (
     decide_claim,
 )
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # Each entry upgrades the schema from version i to i + 1. Never edit a shipped entry:
 # append a new one.
@@ -103,6 +104,9 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (workflow_id, name, seq)
     ) WITHOUT ROWID;
     """,
+    """
+    ALTER TABLE journal ADD COLUMN note TEXT;
+    """,
 ]
 
 _WF_COLS = (
@@ -111,7 +115,7 @@ _WF_COLS = (
 )
 _INSERT_ENTRY = (
     "INSERT INTO journal (workflow_id, idx, kind, name, output, error, attempts, started_at, "
-    "ended_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "ended_at, note) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _CREATE = f"INSERT INTO workflows ({_WF_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 _FINISH = (
@@ -251,6 +255,8 @@ class SQLiteStore:
             try:
                 conn.execute("BEGIN IMMEDIATE")
                 yield conn
+                if _faults.ENABLED:
+                    _faults.point(f"store: before COMMIT of {doing}")
                 conn.execute("COMMIT")
             except sqlite3.Error as exc:
                 if conn.in_transaction:
@@ -260,6 +266,8 @@ class SQLiteStore:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
+            if _faults.ENABLED:
+                _faults.point(f"store: after COMMIT of {doing}")
 
     def _read(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         with self._rlock:
@@ -322,7 +330,7 @@ class SQLiteStore:
             for op in ops:
                 if type(op) is JournalEntry:
                     entries.append((op.workflow_id, op.index, op.kind, op.name, op.output,
-                                    op.error, op.attempts, op.started_at, op.ended_at))
+                                    op.error, op.attempts, op.started_at, op.ended_at, op.note))
                 elif isinstance(op, FinishWorkflow):
                     finishes.append((op.status.value, op.output, op.error, op.reason, op.at,
                                      op.workflow_id, op.owner))
@@ -334,18 +342,13 @@ class SQLiteStore:
                     creates.append((r.id, r.name, r.version, r.status.value, r.inputs, r.output,
                                     r.error, r.owner, r.parent_id, r.created_at, r.updated_at,
                                     r.recovery_attempts, r.reason, r.recovery_mark))
+        if _faults.ENABLED:
+            _faults.point("store: begin journal commit")
         if len(creates) + len(entries) + len(finishes) + len(marks) == 1:
             # One statement in autocommit mode is its own transaction: one fsync, one call.
-            if entries:
-                conn.execute(_INSERT_ENTRY, entries[0])
-            elif finishes:
-                if conn.execute(_FINISH, finishes[0]).rowcount != 1:
-                    raise WorkflowNotRunning(finishes[0][5])
-            elif marks:
-                if conn.execute(_MARK_WAITING, marks[0]).rowcount != 1:
-                    raise WorkflowNotRunning(marks[0][2])
-            else:
-                conn.execute(_CREATE, creates[0])
+            self._apply_single(conn, creates, entries, finishes, marks)
+            if _faults.ENABLED:
+                _faults.point("store: after journal commit")
             return
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -359,11 +362,30 @@ class SQLiteStore:
                 # Some workflow was cancelled or taken over; only a one-batch
                 # transaction can say which, so this one is rolled back.
                 raise WorkflowNotRunning(finishes[0][5] if len(finishes) == 1 else "?")
+            if _faults.ENABLED:
+                _faults.point("store: before COMMIT (fsync)")
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
+        if _faults.ENABLED:
+            _faults.point("store: after journal commit")
+
+    @staticmethod
+    def _apply_single(conn: sqlite3.Connection, creates: list[tuple[Any, ...]],
+                      entries: list[tuple[Any, ...]], finishes: list[tuple[Any, ...]],
+                      marks: list[tuple[Any, ...]]) -> None:
+        if entries:
+            conn.execute(_INSERT_ENTRY, entries[0])
+        elif finishes:
+            if conn.execute(_FINISH, finishes[0]).rowcount != 1:
+                raise WorkflowNotRunning(finishes[0][5])
+        elif marks:
+            if conn.execute(_MARK_WAITING, marks[0]).rowcount != 1:
+                raise WorkflowNotRunning(marks[0][2])
+        else:
+            conn.execute(_CREATE, creates[0])
 
     # -- other writes -----------------------------------------------------------------
     def create_workflow(self, record: WorkflowRecord) -> tuple[WorkflowRecord, bool]:
@@ -488,8 +510,8 @@ class SQLiteStore:
 
     def load_journal(self, workflow_id: str) -> list[JournalEntry]:
         rows = self._read(
-            "SELECT workflow_id, idx, kind, name, output, error, attempts, started_at, ended_at "
-            "FROM journal WHERE workflow_id = ? ORDER BY idx",
+            "SELECT workflow_id, idx, kind, name, output, error, attempts, started_at, ended_at, "
+            "note FROM journal WHERE workflow_id = ? ORDER BY idx",
             (workflow_id,),
         )
         return [JournalEntry(*r) for r in rows]
