@@ -16,6 +16,7 @@ from ._durable import (
     wait_for,
     wait_for_async,
 )
+from ._effects import NOT_APPLIED
 from ._errors import register_exception
 from ._handle import WorkflowHandle
 from ._step import RetryPolicy, Step
@@ -25,6 +26,8 @@ from .exceptions import (
     CorruptRecordError,
     CrashsafeError,
     DeadLetteredError,
+    EffectFailedError,
+    IdempotencyKeyConflictError,
     InvalidStateError,
     NondeterminismError,
     NotInWorkflowError,
@@ -47,12 +50,15 @@ from .stores import Status
 __version__ = "0.1.0"
 
 __all__ = [
+    "NOT_APPLIED",
     "App",
     "ConfigurationError",
     "CorruptRecordError",
     "CrashsafeError",
     "Current",
     "DeadLetteredError",
+    "EffectFailedError",
+    "IdempotencyKeyConflictError",
     "InvalidStateError",
     "NondeterminismError",
     "NotInWorkflowError",

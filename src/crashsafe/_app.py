@@ -97,6 +97,7 @@ class App:
         lease: float | timedelta = 30.0,
         heartbeat_interval: float | timedelta = 2.0,
         recovery_interval: float | timedelta = 5.0,
+        effect_retention: float | timedelta | None = None,
     ) -> None:
         if store is not None and url is not None:
             raise ConfigurationError("pass either a URL or a store, not both")
@@ -109,6 +110,9 @@ class App:
         self.lease = seconds(lease, "lease") or 30.0
         self.heartbeat_interval = seconds(heartbeat_interval, "heartbeat_interval") or 2.0
         self.recovery_interval = seconds(recovery_interval, "recovery_interval") or 5.0
+        # How long a finished effect's key is remembered (None: forever). After that, a
+        # step reusing the key applies the effect again.
+        self.effect_retention = seconds(effect_retention, "effect_retention")
         self.executor_id = f"{HOSTNAME}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
         self._workflows: dict[str, dict[str, Workflow[Any, Any]]] = {}
         self._latest: dict[str, Workflow[Any, Any]] = {}
@@ -185,21 +189,32 @@ class App:
     def step(
         self, fn: None = None, /, *, name: str | None = None,
         retry: RetryPolicy | int | bool | None = None,
-        timeout: float | timedelta | None = None,
+        timeout: float | timedelta | None = None, effect: bool = False,
+        on_unknown: str | None = None, reconcile: Callable[..., Any] | None = None,
     ) -> Callable[[Callable[P, R]], Step[P, R]]: ...
 
     def step(
         self, fn: Callable[P, R] | None = None, /, *, name: str | None = None,
         retry: RetryPolicy | int | bool | None = None, timeout: float | timedelta | None = None,
+        effect: bool = False, on_unknown: str | None = None,
+        reconcile: Callable[..., Any] | None = None,
     ) -> Step[P, R] | Callable[[Callable[P, R]], Step[P, R]]:
         """Make a function (``def`` or ``async def``) a step: run once, journaled, replayed.
 
         ``retry`` is a :class:`RetryPolicy`, a number of attempts, or True for the
         default policy; ``timeout`` bounds each attempt (seconds or timedelta).
+
+        ``effect=True`` marks a step with an external side effect: its intent is
+        recorded before the body runs and its outcome is kept under its idempotency key,
+        so an outcome left unknown by a crash is handled by ``on_unknown``
+        (``"retry"``, ``"reconcile"`` with ``reconcile=fn``, or ``"escalate"``), and
+        callers may pass ``key="..."`` to share one effect across workflows. See
+        :mod:`crashsafe._effects`.
         """
 
         def register(f: Callable[P, R]) -> Step[P, R]:
-            return Step(f, name=name, retry=retry, timeout=timeout)
+            return Step(f, name=name, retry=retry, timeout=timeout, effect=effect,
+                        on_unknown=on_unknown, reconcile=reconcile)
 
         return register(fn) if fn is not None else register
 
@@ -303,6 +318,8 @@ class App:
                     next_beat = now + self.heartbeat_interval
                 if now >= next_sweep:
                     self.recover()
+                    if self.effect_retention is not None:
+                        self.store.purge_effects(time.time())
                     next_sweep = now + self.recovery_interval
             except Exception as exc:  # keep serving; try again on the next tick
                 log.warning("crashsafe background work failed: %s", exc, exc_info=True)

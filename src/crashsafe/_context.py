@@ -31,19 +31,24 @@ class Current:
     they are ``None``.
     """
 
-    __slots__ = ("attempt", "step_index", "step_name", "workflow_id", "workflow_name")
+    __slots__ = ("_key", "attempt", "step_index", "step_name", "workflow_id", "workflow_name")
 
     def __init__(self, workflow_id: str, workflow_name: str, step_index: int | None = None,
-                 step_name: str | None = None, attempt: int | None = None) -> None:
+                 step_name: str | None = None, attempt: int | None = None,
+                 key: str | None = None) -> None:
         self.workflow_id = workflow_id
         self.workflow_name = workflow_name
         self.step_index = step_index
         self.step_name = step_name
         self.attempt = attempt
+        self._key = key
 
     @property
     def idempotency_key(self) -> str | None:
-        """Stable across retries, crashes and processes: ``"<workflow id>:<step index>"``."""
+        """Stable across retries, crashes and processes: the key the caller gave an
+        effect step (``key=``), else ``"<workflow id>:<step index>"``."""
+        if self._key is not None:
+            return self._key
         if self.step_index is None:
             return None
         return idempotency_key(self.workflow_id, self.step_index)

@@ -14,10 +14,15 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Generic, ParamSpec, TypeVar
 
-from . import _codec, _faults
+from . import _codec, _effects, _faults
 from ._context import _STEP, _WORKFLOW, Current, WorkflowContext
 from ._errors import error_payload, live_step_failure, step_failure
-from .exceptions import NotInWorkflowError, SerializationError, StepTimeoutError
+from .exceptions import (
+    ConfigurationError,
+    NotInWorkflowError,
+    SerializationError,
+    StepTimeoutError,
+)
 from .stores.base import JournalEntry
 
 P = ParamSpec("P")
@@ -112,9 +117,30 @@ class Step(Generic[P, R]):
         name: str | None,
         retry: RetryPolicy | int | bool | None,
         timeout: float | timedelta | None,
+        effect: bool = False,
+        on_unknown: str | None = None,
+        reconcile: Callable[..., Any] | None = None,
     ) -> None:
         self.fn = fn
         self.name = name or fn.__qualname__
+        if on_unknown is None:
+            on_unknown = "reconcile" if reconcile is not None else "retry"
+        if on_unknown not in _effects.UNKNOWN_RULES:
+            raise ConfigurationError(
+                f"step {self.name!r}: on_unknown must be one of "
+                f"{', '.join(_effects.UNKNOWN_RULES)}, not {on_unknown!r}"
+            )
+        if on_unknown == "reconcile" and reconcile is None:
+            raise ConfigurationError(
+                f"step {self.name!r}: on_unknown='reconcile' needs reconcile=fn, a function "
+                "called with (key, *args, **kwargs) that returns the result or "
+                "crashsafe.NOT_APPLIED"
+            )
+        self.effect = effect or reconcile is not None or on_unknown != "retry"
+        self.on_unknown = on_unknown
+        self.reconcile = reconcile
+        if self.effect:
+            _effects.check_signature(self.name, fn)
         self.retry = as_policy(retry)
         self.timeout = seconds(timeout, f"timeout of step {self.name!r}")
         self.is_async = inspect.iscoroutinefunction(fn)
@@ -135,6 +161,11 @@ class Step(Generic[P, R]):
             )
         if _STEP.get() is not None:
             return self.fn(*args, **kwargs)  # a step inside a step is part of its body
+        kw: dict[str, Any] = dict(kwargs)
+        user_key = kw.pop("key", None) if self.effect else None
+        if user_key is not None and (not isinstance(user_key, str) or not user_key):
+            raise ConfigurationError(f"step {self.name!r}: key= must be a non-empty string, "
+                                     f"got {user_key!r}")
         if self.is_async:
             if not ctx.is_async:
                 raise NotInWorkflowError(
@@ -142,11 +173,11 @@ class Step(Generic[P, R]):
                     f"{ctx.workflow_name!r}; make the workflow async or the step sync"
                 )
             idx, entry = ctx.begin("step", self.name)
-            return self._run_async(ctx, idx, entry, args, kwargs)  # type: ignore[return-value]
+            return self._run_async(ctx, idx, entry, args, kw, user_key)  # type: ignore[return-value]
         idx, entry = ctx.begin("step", self.name)
         if entry is not None:
             return self._replay(entry)
-        return self._run_sync(ctx, idx, args, kwargs)
+        return self._run_sync(ctx, idx, args, kw, user_key)
 
     # -- replay -------------------------------------------------------------------------
     def _replay(self, entry: JournalEntry) -> R:
@@ -156,8 +187,24 @@ class Step(Generic[P, R]):
         return _codec.rebuild(value, self.return_type, f"result of step {self.name!r}")  # type: ignore[no-any-return]
 
     # -- first run ----------------------------------------------------------------------
-    def _info(self, ctx: WorkflowContext, idx: int, attempt: int) -> Current:
-        return Current(ctx.workflow_id, ctx.workflow_name, idx, self.name, attempt)
+    def _info(self, ctx: WorkflowContext, idx: int, attempt: int,
+              plan: _effects.Plan | None) -> Current:
+        return Current(ctx.workflow_id, ctx.workflow_name, idx, self.name, attempt,
+                       plan.key if plan is not None else None)
+
+    def _expiry(self, ctx: WorkflowContext) -> float | None:
+        keep = ctx.app.effect_retention
+        return None if keep is None else time.time() + keep
+
+    def _settled(self, ctx: WorkflowContext, idx: int, plan: _effects.Plan | None,
+                 value: Any, error: Exception | None, attempts: int,
+                 started: float) -> list[Any]:
+        if plan is not None:
+            return _effects.settled_ops(self, ctx, idx, plan, value, error, attempts, started,
+                                        self._expiry(ctx))
+        if error is not None:
+            return [self._record_error(ctx, idx, error, attempts, started)]
+        return [self._record_result(ctx, idx, value, attempts, started)]
 
     def _record_result(self, ctx: WorkflowContext, idx: int, result: Any, attempts: int,
                        started: float) -> JournalEntry:
@@ -204,14 +251,23 @@ class Step(Generic[P, R]):
             return value  # type: ignore[no-any-return]
         raise value
 
-    def _run_sync(self, ctx: WorkflowContext, idx: int, args: Any, kwargs: Any) -> R:
+    def _run_sync(self, ctx: WorkflowContext, idx: int, args: Any, kwargs: Any,
+                  user_key: str | None = None) -> R:
         if ctx.pending:
             ctx.commit([])  # the body may send journaled values out: make them durable first
+        plan = _effects.prepare(self, ctx, idx, args, kwargs, user_key) if self.effect else None
+        if plan is not None and plan.done:
+            started = time.time()
+            error = plan.error if isinstance(plan.error, Exception) else None
+            ctx.commit(self._settled(ctx, idx, plan, plan.value, error, 0, started))
+            if error is not None:
+                raise live_step_failure(self.name, error)
+            return plan.value  # type: ignore[no-any-return]
         started = time.time()
         attempt = 0
         while True:
             attempt += 1
-            token = _STEP.set(self._info(ctx, idx, attempt))
+            token = _STEP.set(self._info(ctx, idx, attempt, plan))
             try:
                 if _faults.ENABLED:
                     _faults.point(f"step {self.name!r}: before body")
@@ -221,7 +277,7 @@ class Step(Generic[P, R]):
             except Exception as exc:
                 wait = self.retry.delay(attempt, exc)
                 if wait is None:
-                    ctx.commit([self._record_error(ctx, idx, exc, attempt, started)])
+                    ctx.commit(self._settled(ctx, idx, plan, None, exc, attempt, started))
                     ctx.executed += 1
                     raise live_step_failure(self.name, exc)  # noqa: B904 - cause set inside
                 ctx.cancel_event.wait(wait)
@@ -229,22 +285,33 @@ class Step(Generic[P, R]):
                 continue
             finally:
                 _STEP.reset(token)
-            ctx.commit([self._record_result(ctx, idx, result, attempt, started)])
+            ctx.commit(self._settled(ctx, idx, plan, result, None, attempt, started))
             ctx.executed += 1
             return result
 
     async def _run_async(self, ctx: WorkflowContext, idx: int, entry: JournalEntry | None,
-                         args: Any, kwargs: Any) -> Any:
+                         args: Any, kwargs: Any, user_key: str | None = None) -> Any:
         if entry is not None:
             return self._replay(entry)
         if ctx.pending:
             await ctx.commit_async([])  # journaled values become durable before the body
+        plan = None
+        if self.effect:
+            plan = await asyncio.to_thread(_effects.prepare, self, ctx, idx, args, kwargs,
+                                           user_key)
+            if plan.done:
+                error = plan.error if isinstance(plan.error, Exception) else None
+                await ctx.commit_async(self._settled(ctx, idx, plan, plan.value, error, 0,
+                                                     time.time()))
+                if error is not None:
+                    raise live_step_failure(self.name, error)
+                return plan.value
         started = time.time()
         attempt = 0
         fn: Callable[..., Awaitable[Any]] = self.fn  # type: ignore[assignment]
         while True:
             attempt += 1
-            token = _STEP.set(self._info(ctx, idx, attempt))
+            token = _STEP.set(self._info(ctx, idx, attempt, plan))
             try:
                 if _faults.ENABLED:
                     _faults.point(f"step {self.name!r}: before body")
@@ -263,13 +330,14 @@ class Step(Generic[P, R]):
             except Exception as exc:
                 wait = self.retry.delay(attempt, exc)
                 if wait is None:
-                    await ctx.commit_async([self._record_error(ctx, idx, exc, attempt, started)])
+                    await ctx.commit_async(self._settled(ctx, idx, plan, None, exc, attempt,
+                                                         started))
                     ctx.executed += 1
                     raise live_step_failure(self.name, exc)  # noqa: B904 - cause set inside
                 await _pause(ctx, wait)
                 continue
             finally:
                 _STEP.reset(token)
-            await ctx.commit_async([self._record_result(ctx, idx, result, attempt, started)])
+            await ctx.commit_async(self._settled(ctx, idx, plan, result, None, attempt, started))
             ctx.executed += 1
             return result

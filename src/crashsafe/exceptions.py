@@ -7,6 +7,8 @@ The tree::
     ├── SerializationError (TypeError)     a value crashsafe cannot store or rebuild
     ├── NotInWorkflowError (RuntimeError)  a step or workflow-only call made elsewhere
     ├── UnknownWorkflowError (KeyError)    no workflow with that id / no such registered name
+    ├── IdempotencyKeyConflictError (ValueError)  a key reused with different arguments
+    ├── EffectFailedError                  a person resolved an unknown outcome as failed
     ├── NondeterminismError                replay met a different call than the journal holds
     ├── StepError                          a recorded step failure whose type cannot be rebuilt
     ├── StepTimeoutError (TimeoutError)    a step attempt ran past its timeout
@@ -51,6 +53,14 @@ class UnknownWorkflowError(CrashsafeError, KeyError):
 
     def __str__(self) -> str:  # KeyError quotes its message; we want it readable
         return str(self.args[0]) if self.args else ""
+
+
+class IdempotencyKeyConflictError(CrashsafeError, ValueError):
+    """An effect step's key was already used by another step with different arguments."""
+
+
+class EffectFailedError(CrashsafeError):
+    """A person resolved an effect's unknown outcome with ``{"action": "fail"}``."""
 
 
 class NondeterminismError(CrashsafeError):
@@ -162,6 +172,8 @@ __all__ = [
     "CorruptRecordError",
     "CrashsafeError",
     "DeadLetteredError",
+    "EffectFailedError",
+    "IdempotencyKeyConflictError",
     "InvalidStateError",
     "NondeterminismError",
     "NotInWorkflowError",

@@ -132,7 +132,49 @@ class CreateWorkflow:
     record: WorkflowRecord
 
 
-Op = JournalEntry | FinishWorkflow | CreateWorkflow | MarkWaiting
+@dataclass(slots=True)
+class CompleteEffect:
+    """Write op: record an effect step's outcome under its key and clear its intent, in
+    the same transaction as the step's journal entry."""
+
+    key: str
+    workflow_id: str
+    index: int
+    output: bytes | None
+    error: bytes | None
+    at: float
+    expires_at: float | None = None
+
+
+@dataclass(slots=True)
+class EffectRow:
+    """One row of the deduplication table: who applied a key, with what result."""
+
+    key: str
+    workflow_id: str
+    index: int
+    step: str
+    args_hash: str
+    state: str
+    """``started`` (an attempt may be in flight or cut off) or ``done``."""
+    output: bytes | None = None
+    error: bytes | None = None
+    created_at: float = 0.0
+    expires_at: float | None = None
+
+
+@dataclass(slots=True)
+class EffectStart:
+    """What :meth:`Store.begin_effect` found."""
+
+    unknown: bool = False
+    """An earlier attempt of this very step started and never recorded its outcome."""
+    holder: EffectRow | None = None
+    """The key belongs to another step (another workflow, or already done): nothing
+    was recorded for this one."""
+
+
+Op = JournalEntry | FinishWorkflow | CreateWorkflow | MarkWaiting | CompleteEffect
 
 
 class WorkflowNotRunning(StoreConflictError):
@@ -265,6 +307,23 @@ class Store(Protocol):
 
     def get_signal(self, workflow_id: str, name: str, nth: int) -> bytes | None:
         """The payload of signal number ``nth`` (from 0) of that name, if it arrived."""
+        ...
+
+    def begin_effect(self, workflow_id: str, index: int, step: str, key: str, args_hash: str,
+                     at: float) -> EffectStart:
+        """Durably record that step ``index`` is about to apply the effect ``key``.
+
+        In one transaction: if ``key`` is held by another step, or is done, return that
+        row as ``holder`` and record nothing; otherwise record (or keep) the intent and
+        the key's ``started`` row, and say whether an intent of this step was already
+        there (``unknown``: a previous attempt never recorded its outcome).
+        """
+        ...
+
+    def get_effect(self, key: str) -> EffectRow | None: ...
+
+    def purge_effects(self, now: float) -> int:
+        """Delete done effect rows whose retention ran out; return how many."""
         ...
 
     def register_executor(self, record: ExecutorRecord) -> None: ...

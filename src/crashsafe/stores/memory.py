@@ -15,7 +15,10 @@ from collections.abc import Sequence
 from ..exceptions import StoreConflictError
 from .base import (
     ClaimResult,
+    CompleteEffect,
     CreateWorkflow,
+    EffectRow,
+    EffectStart,
     ExecutorRecord,
     FinishWorkflow,
     JournalEntry,
@@ -40,6 +43,8 @@ class MemoryStore:
         self._journal: dict[str, dict[int, JournalEntry]] = {}
         self._executors: dict[str, ExecutorRecord] = {}
         self._signals: dict[tuple[str, str], list[bytes]] = {}
+        self._effects: dict[str, EffectRow] = {}
+        self._intents: set[tuple[str, int]] = set()
 
     # -- writes ---------------------------------------------------------------------
     def apply(self, batches: Sequence[Sequence[Op]]) -> list[BaseException | None]:
@@ -76,6 +81,12 @@ class MemoryStore:
                 self._journal.setdefault(op.workflow_id, {})[op.index] = copy.copy(op)
             elif isinstance(op, CreateWorkflow):
                 self._workflows[op.record.id] = copy.copy(op.record)
+            elif isinstance(op, CompleteEffect):
+                row = self._effects.get(op.key)
+                if row is not None and (row.workflow_id, row.index) == (op.workflow_id, op.index):
+                    row.state, row.output, row.error = "done", op.output, op.error
+                    row.expires_at = op.expires_at
+                self._intents.discard((op.workflow_id, op.index))
             elif isinstance(op, MarkWaiting):
                 rec = self._workflows[op.workflow_id]
                 rec.status = Status.RUNNING if op.reason is None else Status.WAITING
@@ -138,6 +149,33 @@ class MemoryStore:
             if reset_recoveries:
                 rec.recovery_attempts = 0
             return copy.copy(rec)
+
+    def begin_effect(self, workflow_id: str, index: int, step: str, key: str, args_hash: str,
+                     at: float) -> EffectStart:
+        with self._lock:
+            row = self._effects.get(key)
+            if row is not None and ((row.workflow_id, row.index) != (workflow_id, index)
+                                    or row.state == "done"):
+                return EffectStart(holder=copy.copy(row))
+            unknown = (workflow_id, index) in self._intents
+            self._intents.add((workflow_id, index))
+            if row is None:
+                self._effects[key] = EffectRow(key, workflow_id, index, step, args_hash,
+                                               "started", created_at=at)
+            return EffectStart(unknown=unknown)
+
+    def get_effect(self, key: str) -> EffectRow | None:
+        with self._lock:
+            row = self._effects.get(key)
+            return copy.copy(row) if row is not None else None
+
+    def purge_effects(self, now: float) -> int:
+        with self._lock:
+            old = [k for k, r in self._effects.items()
+                   if r.state == "done" and r.expires_at is not None and r.expires_at < now]
+            for k in old:
+                del self._effects[k]
+            return len(old)
 
     def register_executor(self, record: ExecutorRecord) -> None:
         with self._lock:

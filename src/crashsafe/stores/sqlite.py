@@ -32,7 +32,10 @@ from ..exceptions import (
 )
 from .base import (
     ClaimResult,
+    CompleteEffect,
     CreateWorkflow,
+    EffectRow,
+    EffectStart,
     ExecutorRecord,
     FinishWorkflow,
     JournalEntry,
@@ -46,7 +49,7 @@ from .base import (
     decide_claim,
 )
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 # Each entry upgrades the schema from version i to i + 1. Never edit a shipped entry:
 # append a new one.
@@ -107,6 +110,28 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE journal ADD COLUMN note TEXT;
     """,
+    """
+    CREATE TABLE intents (
+        workflow_id TEXT NOT NULL,
+        idx INTEGER NOT NULL,
+        key TEXT NOT NULL,
+        started_at REAL NOT NULL,
+        PRIMARY KEY (workflow_id, idx)
+    ) WITHOUT ROWID;
+    CREATE TABLE effects (
+        key TEXT PRIMARY KEY,
+        workflow_id TEXT NOT NULL,
+        idx INTEGER NOT NULL,
+        step TEXT NOT NULL,
+        args_hash TEXT NOT NULL,
+        state TEXT NOT NULL,
+        output BLOB,
+        error BLOB,
+        created_at REAL NOT NULL,
+        expires_at REAL
+    );
+    CREATE INDEX effects_expiry ON effects (expires_at) WHERE expires_at IS NOT NULL;
+    """,
 ]
 
 _WF_COLS = (
@@ -122,6 +147,13 @@ _FINISH = (
     "UPDATE workflows SET status = ?, output = ?, error = ?, reason = ?, updated_at = ? "
     "WHERE id = ? AND status IN ('running', 'waiting') AND owner = ?"
 )
+_COMPLETE_EFFECT = (
+    "UPDATE effects SET state = 'done', output = ?, error = ?, expires_at = ? "
+    "WHERE key = ? AND workflow_id = ? AND idx = ?"
+)
+_CLEAR_INTENT = "DELETE FROM intents WHERE workflow_id = ? AND idx = ?"
+_EFFECT_COLS = ("key, workflow_id, idx, step, args_hash, state, output, error, created_at, "
+                "expires_at")
 _MARK_WAITING = (
     "UPDATE workflows SET status = ?, reason = ? "
     "WHERE id = ? AND status IN ('running', 'waiting') AND owner = ?"
@@ -326,6 +358,7 @@ class SQLiteStore:
         entries: list[tuple[Any, ...]] = []
         finishes: list[tuple[Any, ...]] = []
         marks: list[tuple[Any, ...]] = []
+        effects: list[CompleteEffect] = []
         for ops in batches:
             for op in ops:
                 if type(op) is JournalEntry:
@@ -334,6 +367,8 @@ class SQLiteStore:
                 elif isinstance(op, FinishWorkflow):
                     finishes.append((op.status.value, op.output, op.error, op.reason, op.at,
                                      op.workflow_id, op.owner))
+                elif isinstance(op, CompleteEffect):
+                    effects.append(op)
                 elif isinstance(op, MarkWaiting):
                     marks.append(("running" if op.reason is None else "waiting", op.reason,
                                   op.workflow_id, op.owner))
@@ -344,7 +379,7 @@ class SQLiteStore:
                                     r.recovery_attempts, r.reason, r.recovery_mark))
         if _faults.ENABLED:
             _faults.point("store: begin journal commit")
-        if len(creates) + len(entries) + len(finishes) + len(marks) == 1:
+        if len(creates) + len(entries) + len(finishes) + len(marks) == 1 and not effects:
             # One statement in autocommit mode is its own transaction: one fsync, one call.
             self._apply_single(conn, creates, entries, finishes, marks)
             if _faults.ENABLED:
@@ -356,6 +391,11 @@ class SQLiteStore:
                 conn.executemany(_CREATE, creates)
             if entries:
                 conn.executemany(_INSERT_ENTRY, entries)
+            if effects:
+                conn.executemany(_COMPLETE_EFFECT, [
+                    (e.output, e.error, e.expires_at, e.key, e.workflow_id, e.index)
+                    for e in effects])
+                conn.executemany(_CLEAR_INTENT, [(e.workflow_id, e.index) for e in effects])
             if marks and conn.executemany(_MARK_WAITING, marks).rowcount != len(marks):
                 raise WorkflowNotRunning(marks[0][2] if len(marks) == 1 else "?")
             if finishes and conn.executemany(_FINISH, finishes).rowcount != len(finishes):
@@ -553,6 +593,36 @@ class SQLiteStore:
         rows = self._read("SELECT payload FROM signals WHERE workflow_id = ? AND name = ? "
                           "AND seq = ?", (workflow_id, name, nth))
         return rows[0][0] if rows else None
+
+    def begin_effect(self, workflow_id: str, index: int, step: str, key: str, args_hash: str,
+                     at: float) -> EffectStart:
+        with self._write(f"recording the intent of step {index} of {workflow_id!r}") as conn:
+            row = conn.execute(f"SELECT {_EFFECT_COLS} FROM effects WHERE key = ?",
+                               (key,)).fetchone()
+            if row is not None:
+                held = EffectRow(*row)
+                if (held.workflow_id, held.index) != (workflow_id, index) or held.state == "done":
+                    return EffectStart(holder=held)
+            unknown = conn.execute("SELECT 1 FROM intents WHERE workflow_id = ? AND idx = ?",
+                                   (workflow_id, index)).fetchone() is not None
+            if not unknown:
+                conn.execute("INSERT INTO intents (workflow_id, idx, key, started_at) "
+                             "VALUES (?, ?, ?, ?)", (workflow_id, index, key, at))
+            if row is None:
+                conn.execute(
+                    f"INSERT INTO effects ({_EFFECT_COLS}) VALUES (?, ?, ?, ?, ?, 'started', "
+                    "NULL, NULL, ?, NULL)", (key, workflow_id, index, step, args_hash, at))
+            return EffectStart(unknown=unknown)
+
+    def get_effect(self, key: str) -> EffectRow | None:
+        rows = self._read(f"SELECT {_EFFECT_COLS} FROM effects WHERE key = ?", (key,))
+        return EffectRow(*rows[0]) if rows else None
+
+    def purge_effects(self, now: float) -> int:
+        with self._write("purging expired effect keys") as conn:
+            cur = conn.execute("DELETE FROM effects WHERE state = 'done' AND expires_at < ?",
+                               (now,))
+            return int(cur.rowcount)
 
     def get_executors(self, ids: Sequence[str]) -> dict[str, ExecutorRecord]:
         out: dict[str, ExecutorRecord] = {}
