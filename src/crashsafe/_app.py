@@ -116,6 +116,7 @@ class App:
         self.executor_id = f"{HOSTNAME}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
         self._workflows: dict[str, dict[str, Workflow[Any, Any]]] = {}
         self._latest: dict[str, Workflow[Any, Any]] = {}
+        self._steps: dict[str, Step[Any, Any]] = {}
         self._executions: dict[str, Execution] = {}
         self._lock = threading.Lock()
         self._launched = False
@@ -191,6 +192,7 @@ class App:
         retry: RetryPolicy | int | bool | None = None,
         timeout: float | timedelta | None = None, effect: bool = False,
         on_unknown: str | None = None, reconcile: Callable[..., Any] | None = None,
+        compensate: Callable[[Any], Any] | None = None,
     ) -> Callable[[Callable[P, R]], Step[P, R]]: ...
 
     def step(
@@ -198,6 +200,7 @@ class App:
         retry: RetryPolicy | int | bool | None = None, timeout: float | timedelta | None = None,
         effect: bool = False, on_unknown: str | None = None,
         reconcile: Callable[..., Any] | None = None,
+        compensate: Callable[[Any], Any] | None = None,
     ) -> Step[P, R] | Callable[[Callable[P, R]], Step[P, R]]:
         """Make a function (``def`` or ``async def``) a step: run once, journaled, replayed.
 
@@ -210,11 +213,17 @@ class App:
         (``"retry"``, ``"reconcile"`` with ``reconcile=fn``, or ``"escalate"``), and
         callers may pass ``key="..."`` to share one effect across workflows. See
         :mod:`crashsafe._effects`.
+
+        ``compensate=fn`` undoes the step when its workflow is cancelled after the step
+        completed: ``fn(result)`` runs once per completed step, in reverse order, and
+        each run is journaled (saga).
         """
 
         def register(f: Callable[P, R]) -> Step[P, R]:
-            return Step(f, name=name, retry=retry, timeout=timeout, effect=effect,
-                        on_unknown=on_unknown, reconcile=reconcile)
+            st = Step(f, name=name, retry=retry, timeout=timeout, effect=effect,
+                      on_unknown=on_unknown, reconcile=reconcile, compensate=compensate)
+            self._steps[st.name] = st
+            return st
 
         return register(fn) if fn is not None else register
 
@@ -438,6 +447,8 @@ class App:
     def _run(self, wf: Workflow[Any, Any], rec: WorkflowRecord, args: list[Any],
              kwargs: dict[str, Any], journal: list[JournalEntry]) -> None:
         ctx = WorkflowContext(self, rec.id, rec.name, journal, is_async=wf.is_async)
+        if rec.status is Status.CANCELLING:
+            ctx.cancel_event.set()  # it stops at its first durable call and compensates
         ex = Execution(ctx)
         with self._lock:
             if rec.id in self._executions:
@@ -565,12 +576,15 @@ class App:
             ex.ctx.wake()
 
     def cancel(self, workflow_id: str, reason: str | None = None) -> bool:
-        """Cancel a running workflow; False if it had already finished.
+        """Cancel a running or waiting workflow; False if it had already finished.
 
-        The workflow stops at its next durable call with :class:`WorkflowCancelled`;
-        its result becomes :class:`WorkflowCancelledError`.
+        The workflow becomes ``cancelling`` and stops at its next durable call with
+        :class:`WorkflowCancelled`; then the compensations of its completed steps run
+        (newest first, each once, journaled) and it becomes ``cancelled``; its result
+        is :class:`WorkflowCancelledError`. A workflow whose process is gone is
+        compensated by whichever process recovers it.
         """
-        rec = self.store.set_status(workflow_id, Status.CANCELLED,
+        rec = self.store.set_status(workflow_id, Status.CANCELLING,
                                     only_from=(Status.RUNNING, Status.WAITING),
                                     reason=reason or "cancelled on request")
         if rec is None:

@@ -77,9 +77,10 @@ class WorkflowContext:
     """Everything one running workflow needs: its id, its journal, its cursor."""
 
     __slots__ = (
-        "_async_wake", "app", "cancel_event", "check_only", "diverged", "executed", "is_async",
-        "journal", "next_index", "patches", "pending", "replayed", "shutdown", "signal_event",
-        "waits", "workflow_id", "workflow_name",
+        "_async_wake", "app", "cancel_event", "check_only", "compensating", "compensations",
+        "diverged", "executed", "is_async", "journal", "next_index", "patches", "pending",
+        "recorded", "replayed", "shutdown", "signal_event", "waits", "workflow_id",
+        "workflow_name",
     )
 
     def __init__(
@@ -95,7 +96,14 @@ class WorkflowContext:
         self.app = app
         self.workflow_id = workflow_id
         self.workflow_name = workflow_name
-        self.journal: dict[int, JournalEntry] = {e.index: e for e in journal}
+        # Compensations are not calls of the workflow's own code: replay never matches
+        # them; the cancellation path reads them to run each one once.
+        self.journal: dict[int, JournalEntry] = {
+            e.index: e for e in journal if e.kind != "compensate"}
+        self.compensations: dict[int, JournalEntry] = {
+            e.index: e for e in journal if e.kind == "compensate"}
+        self.recorded: list[JournalEntry] = list(self.journal.values())
+        self.compensating = False
         self.next_index = 0
         self.pending: list[Op] = []
         self.is_async = is_async
@@ -144,7 +152,7 @@ class WorkflowContext:
     def check_interrupt(self) -> None:
         if self.shutdown:
             raise _Shutdown
-        if self.cancel_event.is_set():
+        if self.cancel_event.is_set() and not self.compensating:
             raise WorkflowCancelled(f"workflow {self.workflow_id!r} was cancelled")
 
     def begin(self, kind: str, name: str) -> tuple[int, JournalEntry | None]:
@@ -191,6 +199,12 @@ class WorkflowContext:
             ops = self.pending + ops
             self.pending = []
         self.app._committer.commit(ops)
+        self._note_committed(ops)
+
+    def _note_committed(self, ops: list[Op]) -> None:
+        for op in ops:
+            if type(op) is JournalEntry and op.kind != "compensate":
+                self.recorded.append(op)
 
     async def commit_async(self, ops: list[Op]) -> None:
         if self.shutdown:
@@ -199,6 +213,7 @@ class WorkflowContext:
             ops = self.pending + ops
             self.pending = []
         await self.app._committer.commit_async(ops)
+        self._note_committed(ops)
 
 
 def _resolve(fut: asyncio.Future[None]) -> None:

@@ -142,7 +142,9 @@ class WorkflowHandle(Generic[R]):
         if out.kind == "ok":
             return out.value
         if out.kind == "cancelled":
-            raise WorkflowCancelledError(f"workflow {self.workflow_id!r} was cancelled")
+            why = str(out.error) if out.error is not None and str(out.error) else ""
+            raise WorkflowCancelledError(
+                f"workflow {self.workflow_id!r} was cancelled" + (f" ({why})" if why else ""))
         if out.kind == "dead_letter":
             raise DeadLetteredError(
                 f"workflow {self.workflow_id!r} was parked as a dead letter: {out.error}"
@@ -162,7 +164,7 @@ class WorkflowHandle(Generic[R]):
             raise workflow_failure(rec.id, rec.error or b"{}")
         if rec.status is Status.CANCELLED:
             raise WorkflowCancelledError(
-                f"workflow {rec.id!r} was cancelled" + (f": {rec.reason}" if rec.reason else "")
+                f"workflow {rec.id!r} was cancelled" + (f" ({rec.reason})" if rec.reason else "")
             )
         raise DeadLetteredError(
             f"workflow {rec.id!r} is a dead letter: {rec.reason}; fix the cause, then run "

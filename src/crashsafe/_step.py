@@ -120,9 +120,11 @@ class Step(Generic[P, R]):
         effect: bool = False,
         on_unknown: str | None = None,
         reconcile: Callable[..., Any] | None = None,
+        compensate: Callable[[Any], Any] | None = None,
     ) -> None:
         self.fn = fn
         self.name = name or fn.__qualname__
+        self.compensate = compensate
         if on_unknown is None:
             on_unknown = "reconcile" if reconcile is not None else "retry"
         if on_unknown not in _effects.UNKNOWN_RULES:

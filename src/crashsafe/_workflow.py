@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import time
@@ -18,7 +19,7 @@ from .exceptions import (
     StoreError,
     WorkflowCancelled,
 )
-from .stores.base import FinishWorkflow, Status
+from .stores.base import FinishWorkflow, JournalEntry, Status, WorkflowNotRunning
 
 if TYPE_CHECKING:
     from ._app import App
@@ -151,8 +152,18 @@ def _settle_success(wf: Workflow[Any, Any], ctx: WorkflowContext, value: Any) ->
     if ctx.check_only:
         return Outcome("ok", value)
     data = wf.encode_result(value)
-    ctx.commit([_finish_op(ctx, Status.SUCCEEDED, output=data)])
+    try:
+        ctx.commit([_finish_op(ctx, Status.SUCCEEDED, output=data)])
+    except WorkflowNotRunning:
+        if _cancel_requested(ctx):
+            return _cancel_sync(ctx)  # cancelled while finishing: it ends cancelled
+        raise
     return Outcome("ok", value)
+
+
+def _cancel_requested(ctx: WorkflowContext) -> bool:
+    rec = ctx.app.store.get_workflow(ctx.workflow_id)
+    return rec is not None and rec.status is Status.CANCELLING
 
 
 def _on_failure(wf: Workflow[Any, Any], ctx: WorkflowContext, exc: BaseException) -> Outcome:
@@ -181,11 +192,81 @@ def _on_failure(wf: Workflow[Any, Any], ctx: WorkflowContext, exc: BaseException
         return Outcome("aborted", error=exc)  # KeyboardInterrupt, SystemExit: not recorded
     try:
         ctx.commit([_finish_op(ctx, Status.FAILED, error=error_payload(exc))])
+    except WorkflowNotRunning as store_exc:
+        if _cancel_requested(ctx):
+            return _cancel_sync(ctx)
+        return Outcome("aborted", error=store_exc)
     except StoreConflictError as store_exc:
         return Outcome("aborted", error=store_exc)  # cancelled or taken over meanwhile
     except StoreError as store_exc:
         return Outcome("store_error", error=store_exc)
     return Outcome("error", error=live_workflow_failure(ctx.workflow_id, exc))
+
+
+def compensate(ctx: WorkflowContext) -> list[str]:
+    """Run the compensations of the cancelled workflow's completed steps, newest first.
+
+    Each runs once: it is journaled at an index derived from the journal alone (after
+    the workflow's last recorded call), so a crash in the middle resumes with the
+    next one. Returns the descriptions of compensations that raised (recorded too).
+    """
+    ctx.compensating = True
+    ctx.pending = []  # journaled values never committed never happened
+    steps = ctx.app._steps
+    done = [e for e in ctx.recorded if e.kind == "step" and e.error is None
+            and (st := steps.get(e.name)) is not None and st.compensate is not None]
+    base = 1 + max((e.index for e in ctx.recorded), default=-1)
+    failures: list[str] = []
+    for i, entry in enumerate(sorted(done, key=lambda e: e.index, reverse=True)):
+        idx = base + i
+        recorded = ctx.compensations.get(idx)
+        if recorded is not None:
+            if recorded.error is not None:
+                failures.append(f"{entry.name} (step {entry.index})")
+            continue
+        ctx.check_interrupt()
+        step = steps[entry.name]
+        assert step.compensate is not None
+        value = _codec.rebuild(_codec.decode(entry.output or b"null", "step result"),
+                               step.return_type, f"result of step {entry.name!r}")
+        started = time.time()
+        error: bytes | None = None
+        try:
+            out = step.compensate(value)
+            if inspect.isawaitable(out):
+                asyncio.run(_awaited(out))
+        except Exception as exc:
+            error = error_payload(exc)
+            failures.append(f"{entry.name} (step {entry.index})")
+        ctx.commit([JournalEntry(ctx.workflow_id, idx, "compensate", entry.name, b"null", error,
+                                 1, started, time.time(), f"undoes step {entry.index}")])
+    return failures
+
+
+async def _awaited(value: Any) -> Any:
+    return await value
+
+
+def _cancelled(ctx: WorkflowContext, failures: list[str]) -> Outcome:
+    reason = "compensations ran" if not failures else (
+        f"compensations failed for {', '.join(failures)} (see the timeline)")
+    try:
+        ctx.commit([_finish_op(ctx, Status.CANCELLED, reason=reason)])
+    except StoreConflictError as exc:
+        return Outcome("aborted", error=exc)
+    except StoreError as exc:
+        return Outcome("store_error", error=exc)
+    return Outcome("cancelled", error=WorkflowCancelled(reason))
+
+
+def _cancel_sync(ctx: WorkflowContext) -> Outcome:
+    try:
+        failures = compensate(ctx)
+    except _Shutdown as exc:
+        return Outcome("aborted", error=exc)
+    except StoreError as exc:
+        return Outcome("store_error", error=exc)
+    return _cancelled(ctx, failures)
 
 
 def run_sync(wf: Workflow[Any, Any], ctx: WorkflowContext, args: list[Any],
@@ -195,6 +276,8 @@ def run_sync(wf: Workflow[Any, Any], ctx: WorkflowContext, args: list[Any],
         try:
             value = wf.fn(*args, **kwargs)
         except BaseException as exc:
+            if isinstance(exc, WorkflowCancelled) and not ctx.check_only:
+                return _cancel_sync(ctx)
             return _on_failure(wf, ctx, exc)
         try:
             return _settle_success(wf, ctx, value)
@@ -211,13 +294,20 @@ async def run_async(wf: Workflow[Any, Any], ctx: WorkflowContext, args: list[Any
         try:
             value = await wf.fn(*args, **kwargs)
         except BaseException as exc:
+            if isinstance(exc, WorkflowCancelled) and not ctx.check_only:
+                return await asyncio.to_thread(_cancel_sync, ctx)
             return _on_failure(wf, ctx, exc)
         try:
             ctx.leftover_check()
             if ctx.check_only:
                 return Outcome("ok", value)
             data = wf.encode_result(value)
-            await ctx.commit_async([_finish_op(ctx, Status.SUCCEEDED, output=data)])
+            try:
+                await ctx.commit_async([_finish_op(ctx, Status.SUCCEEDED, output=data)])
+            except WorkflowNotRunning:
+                if await asyncio.to_thread(_cancel_requested, ctx):
+                    return await asyncio.to_thread(_cancel_sync, ctx)
+                raise
             return Outcome("ok", value)
         except Exception as exc:
             return _on_failure(wf, ctx, exc)

@@ -29,6 +29,9 @@ class Status(enum.StrEnum):
     WAITING = "waiting"
     """Running, but parked until a signal arrives (``crashsafe.wait_for``); owned and
     recovered exactly like a running workflow."""
+    CANCELLING = "cancelling"
+    """Cancel requested: the workflow is running the compensations of its completed
+    steps (recovered like a running workflow), then becomes ``cancelled``."""
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
@@ -44,7 +47,9 @@ class Status(enum.StrEnum):
         return self in ACTIVE_STATUSES
 
 
-ACTIVE_STATUSES = frozenset({Status.RUNNING, Status.WAITING})
+ACTIVE_STATUSES = frozenset({Status.RUNNING, Status.WAITING, Status.CANCELLING})
+PROCEEDING = frozenset({Status.RUNNING, Status.WAITING})
+"""Active and not asked to stop."""
 
 
 @dataclass(slots=True)

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 
 from ..exceptions import StoreConflictError
 from .base import (
+    ACTIVE_STATUSES,
+    PROCEEDING,
     ClaimResult,
     CompleteEffect,
     CreateWorkflow,
@@ -64,7 +66,9 @@ class MemoryStore:
                 continue
             if isinstance(op, FinishWorkflow | MarkWaiting):
                 rec = self._workflows.get(op.workflow_id)
-                if rec is None or not rec.status.active or rec.owner != op.owner:
+                cancelling = isinstance(op, FinishWorkflow) and op.status is Status.CANCELLED
+                allowed = ACTIVE_STATUSES if cancelling else PROCEEDING
+                if rec is None or rec.status not in allowed or rec.owner != op.owner:
                     return WorkflowNotRunning(op.workflow_id)
                 continue
             if not isinstance(op, JournalEntry):
@@ -229,7 +233,7 @@ class MemoryStore:
             return [
                 i
                 for i in workflow_ids
-                if (r := self._workflows.get(i)) is not None and not r.status.active
+                if (r := self._workflows.get(i)) is not None and r.status not in PROCEEDING
             ]
 
     def send_signal(self, workflow_id: str, name: str, payload: bytes, at: float) -> int | None:

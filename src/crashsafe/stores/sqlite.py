@@ -143,9 +143,11 @@ _INSERT_ENTRY = (
     "ended_at, note) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _CREATE = f"INSERT INTO workflows ({_WF_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+# A workflow asked to cancel can only end cancelled (after its compensations).
 _FINISH = (
     "UPDATE workflows SET status = ?, output = ?, error = ?, reason = ?, updated_at = ? "
-    "WHERE id = ? AND status IN ('running', 'waiting') AND owner = ?"
+    "WHERE id = ? AND owner = ? AND (status IN ('running', 'waiting') "
+    "OR (status = 'cancelling' AND ?1 = 'cancelled'))"
 )
 _COMPLETE_EFFECT = (
     "UPDATE effects SET state = 'done', output = ?, error = ?, expires_at = ? "
@@ -454,7 +456,8 @@ class SQLiteStore:
     def _claim(conn: sqlite3.Connection, workflow_id: str, expected_owner: str | None,
                new_owner: str, max_recoveries: int) -> ClaimResult:
         row = conn.execute(
-            f"SELECT {_WF_COLS} FROM workflows WHERE id = ? AND status IN ('running', 'waiting') "
+            f"SELECT {_WF_COLS} FROM workflows WHERE id = ? "
+            "AND status IN ('running', 'waiting', 'cancelling') "
             "AND owner IS ?",
             (workflow_id, expected_owner),
         ).fetchone()
@@ -558,7 +561,8 @@ class SQLiteStore:
 
     def running_workflows(self, exclude_owner: str) -> list[tuple[str, str | None, str]]:
         rows = self._read(
-            "SELECT id, owner, name FROM workflows WHERE status IN ('running', 'waiting') "
+            "SELECT id, owner, name FROM workflows "
+            "WHERE status IN ('running', 'waiting', 'cancelling') "
             "AND (owner IS NULL OR owner != ?)",
             (exclude_owner,),
         )
@@ -579,7 +583,7 @@ class SQLiteStore:
         with self._write(f"signalling workflow {workflow_id!r}") as conn:
             row = conn.execute("SELECT status FROM workflows WHERE id = ?",
                                (workflow_id,)).fetchone()
-            if row is None or row[0] not in ("running", "waiting"):
+            if row is None or row[0] not in ("running", "waiting", "cancelling"):
                 return None
             seq = conn.execute(
                 "SELECT COALESCE(MAX(seq) + 1, 0) FROM signals WHERE workflow_id = ? AND name = ?",
