@@ -20,6 +20,7 @@ from ._effects import NOT_APPLIED
 from ._errors import register_exception
 from ._handle import WorkflowHandle
 from ._step import RetryPolicy, Step
+from ._transact import TransactionConnection
 from ._workflow import Workflow
 from .exceptions import (
     ConfigurationError,
@@ -73,6 +74,7 @@ __all__ = [
     "StoreError",
     "StoreFullError",
     "StoreUnavailableError",
+    "TransactionConnection",
     "UnknownWorkflowError",
     "WaitTimeoutError",
     "Workflow",

@@ -10,7 +10,7 @@ import time
 import uuid
 from collections.abc import Callable
 from datetime import timedelta
-from typing import Any, ParamSpec, TypeVar, overload
+from typing import Any, Concatenate, ParamSpec, TypeVar, overload
 
 from . import _codec
 from ._commit import GroupCommitter
@@ -226,6 +226,25 @@ class App:
             return st
 
         return register(fn) if fn is not None else register
+
+    def transaction(
+        self, *, name: str | None = None, retry: RetryPolicy | int | bool | None = None,
+    ) -> Callable[[Callable[Concatenate[Any, P], R]], Step[P, R]]:
+        """A step whose writes to the journal's database commit with its result.
+
+        The decorated ``def`` takes a connection first (a
+        :class:`~crashsafe._transact.TransactionConnection`); workflows call it without
+        that argument. Its writes and its journal entry commit in one transaction, so
+        they happen exactly once. SQLite store only.
+        """
+
+        def register(f: Callable[Concatenate[Any, P], R]) -> Step[P, R]:
+            st: Step[P, R] = Step(f, name=name, retry=retry, timeout=None,  # type: ignore[arg-type]
+                                  transactional=True)
+            self._steps[st.name] = st
+            return st
+
+        return register
 
     def _lookup(self, name: str, version: str | None = None) -> Workflow[Any, Any] | None:
         versions = self._workflows.get(name)

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Generic, ParamSpec, TypeVar
 
-from . import _codec, _effects, _faults
-from ._context import _STEP, _WORKFLOW, Current, WorkflowContext
+from . import _codec, _effects, _faults, _transact
+from ._context import _STEP, _WORKFLOW, Current, WorkflowContext, _Shutdown
 from ._errors import error_payload, live_step_failure, step_failure
 from .exceptions import (
     ConfigurationError,
@@ -121,10 +121,12 @@ class Step(Generic[P, R]):
         on_unknown: str | None = None,
         reconcile: Callable[..., Any] | None = None,
         compensate: Callable[[Any], Any] | None = None,
+        transactional: bool = False,
     ) -> None:
         self.fn = fn
         self.name = name or fn.__qualname__
         self.compensate = compensate
+        self.transactional = transactional
         if on_unknown is None:
             on_unknown = "reconcile" if reconcile is not None else "retry"
         if on_unknown not in _effects.UNKNOWN_RULES:
@@ -146,6 +148,13 @@ class Step(Generic[P, R]):
         self.retry = as_policy(retry)
         self.timeout = seconds(timeout, f"timeout of step {self.name!r}")
         self.is_async = inspect.iscoroutinefunction(fn)
+        if transactional:
+            _transact.check(fn, self.is_async, self.name)
+            if self.effect:
+                raise ConfigurationError(
+                    f"step {self.name!r}: a transactional step's writes happen exactly once "
+                    "already; it cannot also be an effect step"
+                )
         hints = _codec.resolve_hints(fn)
         self.return_type: Any = hints.get("return", inspect.Parameter.empty)
         functools.update_wrapper(self, fn)
@@ -273,6 +282,10 @@ class Step(Generic[P, R]):
             try:
                 if _faults.ENABLED:
                     _faults.point(f"step {self.name!r}: before body")
+                if self.transactional:
+                    result = self._run_transaction(ctx, idx, args, kwargs, attempt, started)
+                    ctx.executed += 1
+                    return result
                 result = self._call_with_timeout(args, kwargs)
                 if _faults.ENABLED:
                     _faults.point(f"step {self.name!r}: after body")
@@ -290,6 +303,24 @@ class Step(Generic[P, R]):
             ctx.commit(self._settled(ctx, idx, plan, result, None, attempt, started))
             ctx.executed += 1
             return result
+
+    def _run_transaction(self, ctx: WorkflowContext, idx: int, args: Any, kwargs: Any,
+                         attempt: int, started: float) -> R:
+        transact = getattr(ctx.app.store, "transact", None)
+        if transact is None:
+            raise _transact.unsupported(ctx.app.store, self.name)
+        if ctx.shutdown:
+            raise _Shutdown
+        fn: Callable[..., R] = self.fn
+
+        def work(conn: Any) -> R:
+            return fn(_transact.TransactionConnection(conn), *args, **kwargs)
+
+        def record(value: Any) -> JournalEntry:
+            return self._record_result(ctx, idx, value, attempt, started)
+
+        value: R = transact(work, record)
+        return value
 
     async def _run_async(self, ctx: WorkflowContext, idx: int, entry: JournalEntry | None,
                          args: Any, kwargs: Any, user_key: str | None = None) -> Any:

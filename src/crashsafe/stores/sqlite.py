@@ -16,7 +16,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -597,6 +597,35 @@ class SQLiteStore:
         rows = self._read("SELECT payload FROM signals WHERE workflow_id = ? AND name = ? "
                           "AND seq = ?", (workflow_id, name, nth))
         return rows[0][0] if rows else None
+
+    def transact(self, work: Callable[[sqlite3.Connection], Any],
+                 record: Callable[[Any], JournalEntry]) -> Any:
+        """Run ``work`` inside a write transaction and commit its writes together with the
+        journal entry ``record(result)``: both land, or neither does."""
+        with self._wlock:
+            self._check_open("running a transactional step")
+            conn = self._w
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                value = work(conn)
+                e = record(value)
+                conn.execute(_INSERT_ENTRY, (e.workflow_id, e.index, e.kind, e.name, e.output,
+                                             e.error, e.attempts, e.started_at, e.ended_at,
+                                             e.note))
+                if _faults.ENABLED:
+                    _faults.point("store: before COMMIT of a transactional step")
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.IntegrityError) and "journal" in str(exc):
+                    raise StoreConflictError(f"transactional step: {exc}") from exc
+                raise
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            return value
 
     def begin_effect(self, workflow_id: str, index: int, step: str, key: str, args_hash: str,
                      at: float) -> EffectStart:
