@@ -67,6 +67,11 @@ def charge(amount: float) -> str:
     if CRASH == "after" and not MARKER.exists():
         MARKER.touch()
         os.kill(os.getpid(), signal.SIGKILL)  # the charge landed; its record did not
+    if CRASH == "after-twice":
+        deaths = int(MARKER.read_text()) if MARKER.exists() else 0
+        if deaths < 2:
+            MARKER.write_text(str(deaths + 1))
+            os.kill(os.getpid(), signal.SIGKILL)
     return charge_id
 
 

@@ -60,6 +60,8 @@ def test_cancel_after_three_of_five_compensates_three_in_reverse(make_app: AppFa
     rec = handle.record()
     assert rec.status is crashsafe.Status.CANCELLED
     assert rec.reason == "compensations ran"
+    with pytest.raises(crashsafe.InvalidStateError, match="were compensated"):
+        app.resume("trip-1")
     comp = [(e.kind, e.name, e.note) for e in app.journal("trip-1") if e.kind == "compensate"]
     assert comp == [("compensate", "book_2", "undoes step 2"),
                     ("compensate", "book_1", "undoes step 1"),
@@ -149,3 +151,30 @@ def test_kill_9_in_the_middle_of_compensating(tmp_path: Path) -> None:
     assert undone == ["saga-2", "saga-1", "saga-0"]
     assert undo_calls in (["saga-2", "saga-1", "saga-1", "saga-0"],)
     app.close()
+
+
+def test_a_deduplicated_result_is_not_compensated(make_app: AppFactory) -> None:
+    app = make_app()
+    undone: list[str] = []
+
+    @app.step(name="refund", effect=True, compensate=lambda r: undone.append(r))
+    def refund(order: str) -> str:
+        return f"rf-{order}"
+
+    @app.workflow(name="refund_then_wait")
+    def refund_then_wait(order: str) -> None:
+        refund(order, key=f"refund:{order}")
+        crashsafe.wait_for("never")
+
+    first = app.start(refund_then_wait, "o-1", workflow_id="first")
+    wait_until(lambda: first.status() is crashsafe.Status.WAITING, what="first parked")
+    second = app.start(refund_then_wait, "o-1", workflow_id="second")
+    wait_until(lambda: second.status() is crashsafe.Status.WAITING, what="second parked")
+    second.cancel()
+    with pytest.raises(crashsafe.WorkflowCancelledError, match="nothing to compensate"):
+        second.result(timeout=10)
+    assert undone == []  # the refund belongs to "first", which still stands
+    first.cancel()
+    with pytest.raises(crashsafe.WorkflowCancelledError, match="compensations ran"):
+        first.result(timeout=10)
+    assert undone == ["rf-o-1"]

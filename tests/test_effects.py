@@ -7,12 +7,15 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 import crashsafe
+from crashsafe._effects import args_hash
+from crashsafe.stores.base import WorkflowRecord
 from crashsafe.stores.sqlite import SQLiteStore
 from helpers import AppFactory, wait_until
 
@@ -172,3 +175,53 @@ def test_effect_steps_reserve_the_key_parameter(make_app: AppFactory) -> None:
         app.step(on_unknown="reconcile")(lambda: None)
     with pytest.raises(crashsafe.ConfigurationError, match="on_unknown must be one of"):
         app.step(on_unknown="guess")(lambda: None)
+
+
+def _parked_run(db: Path, ledger: Path, crash: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, WORKER, str(db), str(ledger), "escalate", crash],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_a_second_unknown_outcome_asks_the_person_again(tmp_path: Path) -> None:
+    db, ledger = tmp_path / "state.db", tmp_path / "ledger.db"
+    assert _run(db, ledger, "escalate", "after-twice").returncode == -signal.SIGKILL
+    app = crashsafe.App(f"sqlite:///{db}")
+
+    def parked() -> bool:
+        return app.get_workflow("order-1").status is crashsafe.Status.WAITING
+
+    second = _parked_run(db, ledger, "after-twice")
+    wait_until(parked, what="the first escalation")
+    app.signal("order-1", "resolve:0", {"action": "retry"})
+    second.communicate(timeout=60)
+    assert second.returncode == -signal.SIGKILL  # the retry died too: unknown again
+    third = _parked_run(db, ledger, "after-twice")
+    wait_until(parked, what="a second escalation, not the old answer reused")
+    app.signal("order-1", "resolve:0", {"oops": "not a decision"})
+    wait_until(lambda: "was not understood" in (app.get_workflow("order-1").reason or ""),
+               what="the bad answer to be reported")
+    app.signal("order-1", "resolve:0", {"action": "skip", "result": "ch-order-1:0"})
+    out, err = third.communicate(timeout=60)
+    assert third.returncode == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["result"] == "ch-order-1:0"
+    assert (_note(db) or "").endswith("a person chose skip")
+    calls, charges = _ledger(ledger)
+    assert len(calls) == 2 and len(charges) == 1
+    app.close()
+
+
+def test_a_key_held_by_a_stopped_workflow_is_refused_not_waited_on_forever(
+        make_app: AppFactory) -> None:
+    app = make_app()
+    wf = _effect_app(app)
+    # Workflow A claimed the key, its outcome became unknown, then it was cancelled.
+    now = time.time()
+    app.store.create_workflow(WorkflowRecord("A", "refunder", "1", crashsafe.Status.CANCELLED,
+                                             b"{}", now, now))
+    digest = args_hash(("order-77", 3.0), {})
+    assert app.store.begin_effect("A", 0, "refund", "refund:order-77", digest, now).holder \
+        is None
+    with pytest.raises(crashsafe.InvalidStateError) as info:
+        app.start(wf["refunder"], "order-77", 3.0, workflow_id="B").result(timeout=10)
+    assert "holds key 'refund:order-77' but stopped (cancelled)" in str(info.value)
+    assert wf["applied"] == []

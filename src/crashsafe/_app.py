@@ -618,7 +618,15 @@ class App:
         """Revive a cancelled or dead-lettered workflow from where its journal ends.
 
         Any serving app with the workflow registered picks it up (this one at once).
+        A cancelled workflow whose completed steps were compensated cannot be resumed:
+        its effects were undone; start a new workflow instead.
         """
+        if any(e.kind == "compensate" for e in self.store.load_journal(workflow_id)):
+            raise InvalidStateError(
+                f"workflow {workflow_id!r} was cancelled and its completed steps were "
+                "compensated; resuming it would continue from effects that were undone. "
+                "Start a new workflow instead"
+            )
         rec = self.store.set_status(
             workflow_id, Status.RUNNING, only_from=(Status.CANCELLED, Status.DEAD_LETTER),
             clear_owner=True, reset_recoveries=True,

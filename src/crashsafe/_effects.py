@@ -40,6 +40,7 @@ from .exceptions import (
     ConfigurationError,
     EffectFailedError,
     IdempotencyKeyConflictError,
+    InvalidStateError,
     SerializationError,
 )
 from .stores.base import CompleteEffect, EffectRow, JournalEntry, MarkWaiting
@@ -111,12 +112,33 @@ def prepare(step: Step[Any, Any], ctx: WorkflowContext, idx: int, args: tuple[An
             )
         if holder.state == "done":
             return _from_holder(step, key, holder)
-        # Another workflow is applying this key right now: wait for its outcome.
-        ctx.check_interrupt()
-        ctx.cancel_event.wait(0.05)
+        _wait_for_holder(ctx, key, holder)
     if not start.unknown:
         return Plan(key)
     return _resolve_unknown(step, ctx, idx, key, args, kwargs)
+
+
+def _wait_for_holder(ctx: WorkflowContext, key: str, holder: EffectRow) -> None:
+    """Another step is applying ``key`` right now: wait (reading, not writing) until it
+    records its outcome; refuse clearly if its workflow stopped without one."""
+    poll = 0.05
+    while True:
+        ctx.check_interrupt()
+        row = ctx.app.store.get_effect(key)
+        if row is None or row.state == "done" or (row.workflow_id, row.index) != (
+                holder.workflow_id, holder.index):
+            return  # settled, purged or handed over: look again with begin_effect
+        owner = ctx.app.store.get_workflow(holder.workflow_id)
+        if owner is None or not owner.status.active:
+            status = owner.status if owner is not None else "gone"
+            raise InvalidStateError(
+                f"step {holder.step!r} of workflow {holder.workflow_id!r} holds key {key!r} "
+                f"but stopped ({status}) before recording the effect's outcome, so whether "
+                f"it was applied is unknown; resume {holder.workflow_id!r} to settle it, or "
+                "use another key once you know"
+            )
+        ctx.cancel_event.wait(poll)
+        poll = min(poll * 2, 1.0)
 
 
 def _from_holder(step: Step[Any, Any], key: str, holder: EffectRow) -> Plan:
@@ -167,27 +189,37 @@ def _escalate(step: Step[Any, Any], ctx: WorkflowContext, idx: int, key: str,
         f"crash ({why}); decide with `crashsafe signal {ctx.workflow_id} {signal} "
         """'{"action": "retry"}'` (or "skip" with a "result", or "fail" with a "message")"""
     )
+    store = ctx.app.store
+    # Only an answer sent after this escalation counts: an earlier escalation of the
+    # same step may have been answered already, and that answer is not reused.
+    nth = 0
+    while store.get_signal(ctx.workflow_id, signal, nth) is not None:
+        nth += 1
     ctx.commit([MarkWaiting(ctx.workflow_id, ctx.app.executor_id, reason)])
     poll = 0.05
     while True:
         ctx.check_interrupt()
         ctx.signal_event.clear()
-        payload = ctx.app.store.get_signal(ctx.workflow_id, signal, 0)
-        if payload is not None:
+        payload = store.get_signal(ctx.workflow_id, signal, nth)
+        if payload is None:
+            ctx.signal_event.wait(poll)
+            poll = min(poll * 2, 1.0)
+            continue
+        decision = _codec.decode(payload, f"signal {signal!r}")
+        action = decision.get("action") if isinstance(decision, dict) else None
+        if action in ("retry", "skip", "fail"):
             break
-        ctx.signal_event.wait(poll)
-        poll = min(poll * 2, 1.0)
+        nth += 1  # not a decision: say so and keep waiting for one
+        ctx.commit([MarkWaiting(ctx.workflow_id, ctx.app.executor_id,
+                                f"{reason}; the last answer {decision!r} was not understood")])
     ctx.commit([MarkWaiting(ctx.workflow_id, ctx.app.executor_id, None)])
-    decision = _codec.decode(payload, f"signal {signal!r}")
-    action = decision.get("action") if isinstance(decision, dict) else None
     prefix = f"{NOTE_PREFIX}escalated ({why}); a person chose "
     if action == "skip":
         return Plan(key, prefix + "skip", done=True, value=decision.get("result"))
     if action == "fail":
         message = str(decision.get("message") or "failed by a person after an unknown outcome")
         return Plan(key, prefix + "fail", done=True, error=EffectFailedError(message))
-    return Plan(key, prefix + "retry" if action == "retry" else
-                prefix + f"retry (unrecognised decision {decision!r})")
+    return Plan(key, prefix + "retry")
 
 
 def settled_ops(step: Step[Any, Any], ctx: WorkflowContext, idx: int, plan: Plan,

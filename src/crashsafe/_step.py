@@ -268,12 +268,12 @@ class Step(Generic[P, R]):
             ctx.commit([])  # the body may send journaled values out: make them durable first
         plan = _effects.prepare(self, ctx, idx, args, kwargs, user_key) if self.effect else None
         if plan is not None and plan.done:
-            started = time.time()
             error = plan.error if isinstance(plan.error, Exception) else None
-            ctx.commit(self._settled(ctx, idx, plan, plan.value, error, 0, started))
+            ops = self._settled(ctx, idx, plan, plan.value, error, 0, time.time())
+            ctx.commit(ops)
             if error is not None:
                 raise live_step_failure(self.name, error)
-            return plan.value  # type: ignore[no-any-return]
+            return self._replay(ops[0])  # exactly what a replay will return
         started = time.time()
         attempt = 0
         while True:
@@ -334,11 +334,11 @@ class Step(Generic[P, R]):
                                            user_key)
             if plan.done:
                 error = plan.error if isinstance(plan.error, Exception) else None
-                await ctx.commit_async(self._settled(ctx, idx, plan, plan.value, error, 0,
-                                                     time.time()))
+                ops = self._settled(ctx, idx, plan, plan.value, error, 0, time.time())
+                await ctx.commit_async(ops)
                 if error is not None:
                     raise live_step_failure(self.name, error)
-                return plan.value
+                return self._replay(ops[0])
         started = time.time()
         attempt = 0
         fn: Callable[..., Awaitable[Any]] = self.fn  # type: ignore[assignment]

@@ -213,7 +213,10 @@ def compensate(ctx: WorkflowContext) -> list[str]:
     ctx.compensating = True
     ctx.pending = []  # journaled values never committed never happened
     steps = ctx.app._steps
+    # A result taken from another workflow's key is that workflow's effect: not ours
+    # to undo.
     done = [e for e in ctx.recorded if e.kind == "step" and e.error is None
+            and not (e.note or "").startswith("deduplicated:")
             and (st := steps.get(e.name)) is not None and st.compensate is not None]
     base = 1 + max((e.index for e in ctx.recorded), default=-1)
     failures: list[str] = []
@@ -238,8 +241,10 @@ def compensate(ctx: WorkflowContext) -> list[str]:
         except Exception as exc:
             error = error_payload(exc)
             failures.append(f"{entry.name} (step {entry.index})")
-        ctx.commit([JournalEntry(ctx.workflow_id, idx, "compensate", entry.name, b"null", error,
-                                 1, started, time.time(), f"undoes step {entry.index}")])
+        done_entry = JournalEntry(ctx.workflow_id, idx, "compensate", entry.name, b"null", error,
+                                  1, started, time.time(), f"undoes step {entry.index}")
+        ctx.commit([done_entry])
+        ctx.compensations[idx] = done_entry
     return failures
 
 
@@ -248,8 +253,10 @@ async def _awaited(value: Any) -> Any:
 
 
 def _cancelled(ctx: WorkflowContext, failures: list[str]) -> Outcome:
-    reason = "compensations ran" if not failures else (
-        f"compensations failed for {', '.join(failures)} (see the timeline)")
+    if failures:
+        reason = f"compensations failed for {', '.join(failures)} (see the timeline)"
+    else:
+        reason = "compensations ran" if ctx.compensations else "nothing to compensate"
     try:
         ctx.commit([_finish_op(ctx, Status.CANCELLED, reason=reason)])
     except StoreConflictError as exc:
