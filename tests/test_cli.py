@@ -169,3 +169,31 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     res = runner.invoke(cli, ["--db", f"sqlite:///{tmp_path / 'demo.db'}", "ls", "--json",
                               "--limit", "100"])
     assert len(json.loads(res.output)) == 26  # one workflow per ticket
+
+
+def test_ls_and_show_print_hostile_names_and_every_status_verbatim(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'h.db'}"
+    app = crashsafe.App(url)
+
+    @app.step(name="[red]step[/]")
+    def odd() -> str:
+        return "[bold]not markup[/bold]"
+
+    @app.workflow(name="[bold]wf")
+    def wf() -> None:
+        odd()
+        crashsafe.wait_for("never")
+
+    handle = app.start(wf, workflow_id="[x]-1")
+    deadline = threading.Event()
+    while handle.status() is not crashsafe.Status.WAITING and not deadline.wait(0.01):
+        pass
+    app.store.set_status("[x]-1", crashsafe.Status.CANCELLING,
+                         only_from=(crashsafe.Status.WAITING,))
+    res = runner.invoke(cli, ["--db", url, "ls"])
+    assert res.exit_code == 0, res.output
+    assert "[x]-1" in res.output and "[bold]wf" in res.output and "cancelling" in res.output
+    res = runner.invoke(cli, ["--db", url, "show", "[x]-1"])
+    assert res.exit_code == 0, res.output
+    assert "[red]step[/]" in res.output and "'[bold]not markup[/bold]'" in res.output
+    app.close()

@@ -17,6 +17,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from .. import _codec
 from .._app import App
@@ -105,11 +106,16 @@ def _secs(value: float) -> str:
 _STATUS_STYLE = {
     Status.RUNNING: "yellow",
     Status.WAITING: "cyan",
+    Status.CANCELLING: "magenta",
     Status.SUCCEEDED: "green",
     Status.FAILED: "red",
     Status.CANCELLED: "magenta",
     Status.DEAD_LETTER: "bold red",
 }
+
+
+def _status_text(status: Status) -> Text:
+    return Text(status.value, style=_STATUS_STYLE.get(status, ""))
 
 
 def _record_json(rec: WorkflowRecord) -> dict[str, Any]:
@@ -125,7 +131,8 @@ def _record_json(rec: WorkflowRecord) -> dict[str, Any]:
 def ls_cmd(
     status: Annotated[
         str | None,
-        typer.Option(help="running, waiting, succeeded, failed, cancelled or dead_letter"),
+        typer.Option(help="running, waiting, cancelling, succeeded, failed, cancelled or "
+                          "dead_letter"),
     ] = None,
     name: Annotated[str | None, typer.Option(help="Only workflows with this name.")] = None,
     limit: Annotated[int, typer.Option(help="At most this many, newest first.")] = 50,
@@ -149,27 +156,28 @@ def ls_cmd(
     for col in ("ID", "NAME", "VERSION", "STATUS", "CREATED", "UPDATED", "RECOVERIES"):
         table.add_column(col)
     for r in rows:
-        style = _STATUS_STYLE.get(r.status, "")
-        table.add_row(r.id, r.name, r.version, f"[{style}]{r.status.value}[/]",
+        # Text, not markup: ids and names are user data and may hold "[" characters.
+        table.add_row(Text(r.id), Text(r.name), Text(r.version), _status_text(r.status),
                       _when(r.created_at), _when(r.updated_at), str(r.recovery_attempts))
     out.print(table)
 
 
-def _preview(entry: JournalEntry, width: int = 60) -> str:
+def _preview(entry: JournalEntry, width: int = 60) -> Text:
+    """One cell of the timeline, as Text: stored values are user data, never markup."""
     if entry.error is not None:
-        return f"[red]{describe(entry.error)[:width]}[/]"
+        return Text(describe(entry.error)[:width], style="red")
     if entry.output is None:
-        return ""
+        return Text("")
     try:
         value = _codec.decode(entry.output, "output")
     except CrashsafeError as exc:
-        return f"[red]<unreadable: {exc}>[/]"
+        return Text(f"<unreadable: {exc}>", style="red")
     if entry.kind == "sleep" and isinstance(value, float):
-        return f"wake at {_when(value)}"
+        return Text(f"wake at {_when(value)}")
     if entry.kind == "wait":
-        return f"deadline {_when(value)}" if isinstance(value, float) else "no deadline"
+        return Text(f"deadline {_when(value)}" if isinstance(value, float) else "no deadline")
     text = repr(value)
-    return text if len(text) <= width else text[: width - 1] + "…"
+    return Text(text if len(text) <= width else text[: width - 1] + "…")
 
 
 @cli.command("show")
@@ -195,8 +203,8 @@ def show_cmd(
         ]
         out.print_json(json.dumps(data))
         return
-    style = _STATUS_STYLE.get(rec.status, "")
-    out.print(f"[bold]{rec.id}[/]  {rec.name} v{rec.version}  [{style}]{rec.status.value}[/]")
+    out.print(Text.assemble((rec.id, "bold"), f"  {rec.name} v{rec.version}  ",
+                            _status_text(rec.status)))
     out.print(f"created {_when(rec.created_at)}   updated {_when(rec.updated_at)}   "
               f"recoveries {rec.recovery_attempts}   owner {rec.owner or '-'}", highlight=False)
     if rec.parent_id:
@@ -213,9 +221,9 @@ def show_cmd(
         at = f"+{_secs(max(0.0, e.started_at - rec.created_at))}"
         took = _secs(max(0.0, e.ended_at - e.started_at)) if e.kind == "step" else ""
         attempts = str(e.attempts) if e.kind == "step" else ""
-        table.add_row(str(e.index), e.kind, e.name, at, took, attempts, _preview(e))
+        table.add_row(str(e.index), e.kind, Text(e.name), at, took, attempts, _preview(e))
         if e.note:
-            table.add_row("", "", "", "", "", "", f"[magenta]↳ {e.note}[/]")
+            table.add_row("", "", "", "", "", "", Text(f"↳ {e.note}", style="magenta"))
     if journal:
         out.print(table)
     else:
@@ -392,6 +400,73 @@ def demo_cmd(
 
     code = run_demo(_url(db), tickets=tickets, kills=kills, seed=seed, concurrency=concurrency,
                     fault_rate=fault_rate, as_json=as_json, console=out)
+    raise typer.Exit(code)
+
+
+@cli.command("chaos")
+def chaos_cmd(
+    target: Annotated[str | None, typer.Argument(
+        help="MODULE:WORKFLOW to test (default: the built-in support agent)")] = None,
+    trials: Annotated[int, typer.Option(help="Trials, each on a fresh database.")] = 100,
+    seed: Annotated[int | None, typer.Option(
+        help="Campaign seed (trial i uses SEED+i); the same seed replays the kill points.",
+    )] = None,
+    kills_per_trial: Annotated[int, typer.Option(help="kill -9s per trial.")] = 1,
+    crash_at: Annotated[int | None, typer.Option(
+        help="Kill at the child's N-th crash point instead of at a random instant.")] = None,
+    kill_window: Annotated[float | None, typer.Option(
+        help="Kill instants fall within this many seconds after the child starts "
+             "(default: --latency-scale; for MODULE:WORKFLOW, its uninterrupted run "
+             "time).")] = None,
+    workflows: Annotated[int | None, typer.Option(
+        help="Workflows per trial (default: 4 tickets; 1 for MODULE:WORKFLOW).")] = None,
+    args: Annotated[str, typer.Option(
+        "--args", help="Arguments for MODULE:WORKFLOW: a JSON list, or an object for "
+                       "keyword arguments.")] = "[]",
+    compare: Annotated[bool, typer.Option(
+        "--compare/--no-compare",
+        help="Check results against an uninterrupted run (turn off when the result "
+             "contains crashsafe.now(), uuid4() or random()).")] = True,
+    latency_scale: Annotated[float, typer.Option(
+        help="Built-in workload: multiply the agent's simulated delays by this.")] = 0.1,
+    stuck_after: Annotated[float, typer.Option(
+        help="Seconds after the last restart before unfinished workflows count as stuck.",
+    )] = 30.0,
+    directory: Annotated[Path | None, typer.Option(
+        "--dir", help="Put the trials' databases here (default: a temporary directory); "
+                      "failing trials are kept.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Run a kill -9 campaign: kill, restart, and check that nothing was lost, duplicated
+    or left stuck."""
+    import random
+
+    from .. import chaos
+
+    if trials < 1 or kills_per_trial < 0 or (crash_at is not None and crash_at < 1) \
+            or (workflows is not None and workflows < 1) or latency_scale <= 0 \
+            or stuck_after <= 0 or (kill_window is not None and kill_window < 0):
+        raise _fail("need --trials >= 1, --kills-per-trial >= 0, --crash-at >= 1, "
+                    "--workflows >= 1, --latency-scale > 0, --stuck-after > 0 and "
+                    "--kill-window >= 0")
+    workload: chaos.Workload
+    try:
+        if target is None:
+            if args != "[]":
+                raise _fail("--args needs MODULE:WORKFLOW; the built-in workload takes none")
+            workload = chaos.SupportAgent(workflows or 4, latency_scale)
+        else:
+            chaos.load_workflow(target)  # fail here, not in every trial's child
+            chaos.call_args(args)
+            workload = chaos.UserWorkflow(target, args, workflows or 1, compare)
+        if seed is None:
+            seed = random.SystemRandom().randrange(1, 10**6)
+        settings = chaos.Settings(trials=trials, seed=seed, kills_per_trial=kills_per_trial,
+                                  crash_at=crash_at, kill_window=kill_window,
+                                  stuck_after=stuck_after, directory=directory)
+        code = chaos.run_campaign(workload, settings, as_json=as_json, console=out)
+    except CrashsafeError as exc:
+        raise _fail(str(exc)) from None
     raise typer.Exit(code)
 
 

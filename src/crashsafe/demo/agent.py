@@ -12,7 +12,8 @@ report checks. The payments service honours idempotency keys the way real paymen
 APIs do (a repeated key returns the first answer), and it records every call.
 
 Run as ``python -m crashsafe.demo.agent --db URL --ledger PATH --run ID ...``; it
-prints one JSON event per line on stdout.
+prints one JSON event per line on stdout. ``--latency-scale 0.1`` makes every simulated
+delay ten times shorter, for ``crashsafe chaos``, which runs the agent many times.
 """
 
 from __future__ import annotations
@@ -198,15 +199,20 @@ CREATE TABLE IF NOT EXISTS replies (
 """
 
 
-def build(url: str, ledger_path: str, fault_rate: float, seed: int) -> tuple[crashsafe.App, Any]:
-    """The app and the support_ticket workflow, wired to one ledger."""
+def build(url: str, ledger_path: str, fault_rate: float, seed: int,
+          latency_scale: float = 1.0) -> tuple[crashsafe.App, Any]:
+    """The app and the support_ticket workflow, wired to one ledger.
+
+    ``latency_scale`` multiplies every simulated delay: tool and LLM latency, retry
+    back-off and the durable cool-off.
+    """
     app = crashsafe.App(url)
     ledger = Ledger(ledger_path)
     rng = random.Random(seed ^ os.getpid())
     rng_lock = threading.Lock()
     first_step = threading.Event()
-    llm_retry = crashsafe.RetryPolicy(max_attempts=8, initial_delay=0.05, max_delay=0.4,
-                                      retry_on=(LLMError,))
+    llm_retry = crashsafe.RetryPolicy(max_attempts=8, initial_delay=0.05 * latency_scale,
+                                      max_delay=0.4 * latency_scale, retry_on=(LLMError,))
 
     def body_started() -> None:
         cur = crashsafe.current()
@@ -219,7 +225,7 @@ def build(url: str, ledger_path: str, fault_rate: float, seed: int) -> tuple[cra
     def latency(lo: float, hi: float) -> None:
         with rng_lock:
             pause = rng.uniform(lo, hi)
-        time.sleep(pause)
+        time.sleep(pause * latency_scale)
 
     def maybe_fail() -> None:
         with rng_lock:
@@ -280,7 +286,7 @@ def build(url: str, ledger_path: str, fault_rate: float, seed: int) -> tuple[cra
         if decision["refund"]:
             issue_refund(order["order_id"], decision["amount"])
             refunded = decision["amount"]
-        crashsafe.sleep(0.2)  # durable cool-off before replying
+        crashsafe.sleep(0.2 * latency_scale)  # durable cool-off before replying
         message = send_reply(ticket["id"], f"Re {order['order_id']}: {decision['reason']}")
         return {"ticket": ticket["id"], "label": label, "refunded": refunded, "reply": message}
 
@@ -293,11 +299,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ledger", required=True)
     p.add_argument("--run", required=True)
     p.add_argument("--tickets", type=int, default=50)
+    p.add_argument("--first-ticket", type=int, default=0)
     p.add_argument("--concurrency", type=int, default=10)
     p.add_argument("--fault-rate", type=float, default=0.03)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--latency-scale", type=float, default=1.0)
     a = p.parse_args(argv)
-    app, support_ticket = build(a.db, a.ledger, a.fault_rate, a.seed)
+    app, support_ticket = build(a.db, a.ledger, a.fault_rate, a.seed, a.latency_scale)
     emit("started")
     slots = threading.Semaphore(a.concurrency)
     waiters: list[threading.Thread] = []
@@ -322,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         emit("resumed", workflow_id=handle.workflow_id,
              recorded=len(app.journal(handle.workflow_id)))
         track(handle)
-    for i in range(a.tickets):
+    for i in range(a.first_ticket, a.first_ticket + a.tickets):
         wid = f"{a.run}-T{i:03d}"
         existing = app.store.get_workflow(wid)
         if wid in resumed_ids or (existing is not None and existing.status.terminal):

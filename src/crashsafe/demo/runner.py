@@ -1,5 +1,10 @@
 """``crashsafe demo``: run the support agent, SIGKILL it at random moments, restart it,
-and check the outcome against the independent ledger."""
+and check the outcome against the independent ledger.
+
+The pieces ``crashsafe chaos`` reuses live here too: :func:`spawn` (a child process
+and its JSON events), :func:`journal_snapshot`, the :class:`Operator` who answers
+escalated tickets, and :func:`verify` (the ledger and consistency checks).
+"""
 
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,58 +29,153 @@ from rich.table import Table
 from .. import _codec
 from .._app import App
 from ..exceptions import CrashsafeError
-from ..stores import ListFilter, Status, open_store
+from ..stores import ListFilter, Status, Store, open_store
 from ..stores.sqlite import parse_sqlite_url
 from .agent import expected_result as expected_result
 from .agent import make_ticket, order_facts, person_approves, refund_rule, true_label
 
 RUN_LIMIT = 110.0  # seconds; the demo promises to finish in under two minutes
+AGENT = "crashsafe.demo.agent"
 
 
 @dataclass
-class _Child:
+class Child:
+    """A child process (the agent, or a ``crashsafe chaos`` worker) and the JSON events
+    it printed, one per stdout line, each with its time ``t``."""
+
     proc: subprocess.Popen[str]
-    started: float
+    spawned: float
     events: list[dict[str, Any]] = field(default_factory=list)
-    first_step: threading.Event = field(default_factory=threading.Event)
-    done: threading.Event = field(default_factory=threading.Event)
+    stderr: deque[str] = field(default_factory=lambda: deque(maxlen=40))
+    _flags: dict[str, threading.Event] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _readers: list[threading.Thread] = field(default_factory=list)
+
+    def flag(self, event: str) -> threading.Event:
+        """Set once the child has printed ``event``."""
+        with self._lock:
+            return self._flags.setdefault(event, threading.Event())
+
+    def first(self, event: str) -> dict[str, Any] | None:
+        return next((e for e in list(self.events) if e.get("event") == event), None)
+
+    def recovery_s(self, event: str = "first_step", timeout: float = 5.0) -> float | None:
+        """Seconds from this child's spawn to its first ``event`` (by default its first
+        step body); None if it printed none."""
+        self.flag(event).wait(timeout)
+        first = self.first(event)
+        return float(first["t"]) - self.spawned if first else None
+
+    def kill(self) -> None:
+        """SIGKILL the child and wait for it to be gone."""
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+        self.reap()
+
+    def reap(self) -> None:
+        """Wait for the exited child and for its output to be read to the end."""
+        self.proc.wait()
+        for reader in self._readers:
+            reader.join(timeout=5)
+
+    def stderr_tail(self) -> str:
+        return "".join(self.stderr).strip()[-800:]
 
 
-def _spawn(args: list[str]) -> _Child:
-    started = time.time()
+def spawn(args: list[str], module: str = AGENT, env: dict[str, str] | None = None) -> Child:
+    """Run ``python -m module *args`` with extra ``env``; read its events as they come."""
+    spawned = time.time()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "crashsafe.demo.agent", *args],
+        [sys.executable, "-m", module, *args],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1,
+        env={**os.environ, **env} if env else None,
     )
-    child = _Child(proc, started)
+    child = Child(proc, spawned)
 
-    def read() -> None:
+    def read_events() -> None:
         assert proc.stdout is not None
-        for line in proc.stdout:
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue
-            child.events.append(event)
-            if event.get("event") == "first_step":
-                child.first_step.set()
-            elif event.get("event") == "done":
-                child.done.set()
+        with proc.stdout:
+            for line in proc.stdout:
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    continue  # a print() of the workload, not an event
+                if isinstance(event, dict):
+                    child.events.append(event)
+                    child.flag(str(event.get("event"))).set()
 
-    threading.Thread(target=read, daemon=True).start()
+    def read_stderr() -> None:
+        # Drained as it comes, so a chatty child never blocks on a full pipe.
+        assert proc.stderr is not None
+        with proc.stderr:
+            child.stderr.extend(proc.stderr)
+
+    for target in (read_events, read_stderr):
+        thread = threading.Thread(target=target, daemon=True)
+        thread.start()
+        child._readers.append(thread)
     return child
 
 
-def _journal_snapshot(db_path: str, prefix: str) -> dict[tuple[str, int], bytes | None]:
+Snapshot = dict[tuple[str, int], tuple[Any, ...]]
+
+
+def journal_snapshot(db_path: str, prefix: str) -> Snapshot:
+    """Every committed journal entry of the workflows whose ids start with ``prefix``:
+    (workflow id, index) -> (kind, name, output, error)."""
     conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=30)
     try:
         rows = conn.execute(
-            "SELECT workflow_id, idx, output FROM journal WHERE substr(workflow_id, 1, ?) = ?",
+            "SELECT workflow_id, idx, kind, name, output, error FROM journal "
+            "WHERE substr(workflow_id, 1, ?) = ?",
             (len(prefix), prefix),
         ).fetchall()
     finally:
         conn.close()
-    return {(r[0], r[1]): r[2] for r in rows}
+    return {(r[0], r[1]): tuple(r[2:]) for r in rows}
+
+
+def lost_entries(snapshots: Snapshot, final: Snapshot) -> int:
+    """Entries seen committed after some kill that are missing or different at the end."""
+    return sum(1 for key, entry in snapshots.items() if final.get(key) != entry)
+
+
+class Operator:
+    """The demo's operator: answers each ticket waiting for approval after a short think,
+    approving by :func:`person_approves`."""
+
+    def __init__(self, store: Store, prefix: str, limit: int, rng: random.Random,
+                 think: tuple[float, float] = (0.2, 0.6)) -> None:
+        self._store = store
+        self._app = App(store=store)
+        self._prefix = prefix
+        self._limit = limit
+        self._rng = rng
+        self._think = think
+        self._first_seen: dict[str, float] = {}
+        self.answered: dict[str, float] = {}
+        """Workflow id -> when the operator answered it."""
+
+    def answer(self) -> None:
+        waiting = self._store.list_workflows(ListFilter(status=Status.WAITING,
+                                                        id_prefix=self._prefix,
+                                                        limit=self._limit))
+        now = time.time()
+        for rec in waiting:
+            if rec.id in self.answered:
+                continue
+            seen = self._first_seen.setdefault(rec.id, now + self._rng.uniform(*self._think))
+            if now < seen:
+                continue
+            ticket = make_ticket(int(rec.id.rsplit("-T", 1)[1]))
+            order = order_facts(ticket["order_id"])
+            amount = refund_rule(order, true_label(ticket["text"]))["amount"]
+            try:
+                self._app.signal(rec.id, "approval", {"approved": person_approves(amount),
+                                                      "by": "demo-operator"})
+            except CrashsafeError:
+                continue  # it moved on meanwhile (cancelled or finished); nothing to answer
+            self.answered[rec.id] = now
 
 
 def run_demo(url: str, *, tickets: int, kills: int, seed: int | None, concurrency: int,
@@ -114,36 +214,11 @@ def run_demo(url: str, *, tickets: int, kills: int, seed: int | None, concurrenc
 
     started = time.time()
     kill_log: list[dict[str, Any]] = []
-    snapshots: dict[tuple[str, int], bytes | None] = {}
-    resumed_entries = 0
-    children: list[_Child] = []
+    snapshots: Snapshot = {}
+    children: list[Child] = []
     failure: str | None = None
     prefix = f"{run_id}-"
-
-    signalled: dict[str, float] = {}  # workflow id -> when the operator answered
-    first_seen: dict[str, float] = {}
-    operator = App(store=store)
-
-    def answer_escalations() -> None:
-        """The demo's operator: answers each waiting ticket after a short think."""
-        waiting = store.list_workflows(ListFilter(status=Status.WAITING, id_prefix=prefix,
-                                                  limit=tickets + 10))
-        now = time.time()
-        for rec in waiting:
-            if rec.id in signalled:
-                continue
-            seen = first_seen.setdefault(rec.id, now + rng.uniform(0.2, 0.6))
-            if now < seen:
-                continue
-            ticket = make_ticket(int(rec.id.rsplit("-T", 1)[1]))
-            order = order_facts(ticket["order_id"])
-            amount = refund_rule(order, true_label(ticket["text"]))["amount"]
-            try:
-                operator.signal(rec.id, "approval", {"approved": person_approves(amount),
-                                                     "by": "demo-operator"})
-            except CrashsafeError:
-                continue  # it moved on meanwhile (cancelled or finished); nothing to answer
-            signalled[rec.id] = now
+    operator = Operator(store, prefix, tickets + 10, rng)
 
     def completed() -> int:
         rows = store.list_workflows(ListFilter(status=Status.SUCCEEDED, id_prefix=prefix,
@@ -154,52 +229,46 @@ def run_demo(url: str, *, tickets: int, kills: int, seed: int | None, concurrenc
                         TimeElapsedColumn(), console=console, disable=as_json, transient=False)
     with progress:
         task = progress.add_task("tickets", total=tickets)
-        child = _spawn([*args, "--seed", str(rng.randrange(10**9))])
+        child = spawn([*args, "--seed", str(rng.randrange(10**9))])
         children.append(child)
         while True:
             time.sleep(0.05)
-            answer_escalations()
+            operator.answer()
             done_count = completed()
             progress.update(task, completed=done_count,
                             description=f"tickets (kills {len(kill_log)}/{kills})")
             if time.time() - started > RUN_LIMIT:
                 failure = f"the run did not finish within {RUN_LIMIT:.0f} s"
-                child.proc.kill()
-                child.proc.wait()
+                child.kill()
                 break
             if child.proc.poll() is not None:
-                if child.done.is_set() and child.proc.returncode == 0:
+                child.reap()
+                if child.flag("done").is_set() and child.proc.returncode == 0:
                     break
-                stderr = child.proc.stderr.read() if child.proc.stderr else ""
                 failure = (f"the agent process exited with code {child.proc.returncode}: "
-                           f"{stderr.strip()[-800:]}")
+                           f"{child.stderr_tail()}")
                 break
             if len(kill_log) < len(thresholds) and done_count >= thresholds[len(kill_log)]:
                 time.sleep(rng.uniform(0.0, 0.3))  # a random instant, not a step boundary
-                os.kill(child.proc.pid, signal.SIGKILL)
-                child.proc.wait()
+                child.kill()
                 killed_at = time.time()
-                snapshots.update(_journal_snapshot(db_path, prefix))
-                child = _spawn([*args, "--seed", str(rng.randrange(10**9))])
+                snapshots.update(journal_snapshot(db_path, prefix))
+                child = spawn([*args, "--seed", str(rng.randrange(10**9))])
                 children.append(child)
-                kill_log.append({"killed_at": killed_at - started, "restart": child.started,
+                kill_log.append({"killed_at": killed_at - started,
                                  "completed_before": done_count})
         progress.update(task, completed=completed())
 
     for entry, kid in zip(kill_log, children[1:], strict=False):
-        kid.first_step.wait(timeout=5)
-        first = next((e for e in kid.events if e.get("event") == "first_step"), None)
-        entry["recovery_s"] = (first["t"] - kid.started) if first else None
-        entry.pop("restart", None)
-    for kid in children:
-        for e in kid.events:
-            if e.get("event") == "resumed":
-                resumed_entries += int(e.get("recorded", 0))
+        entry["recovery_s"] = kid.recovery_s()
+    resumed_entries = sum(int(e.get("recorded", 0)) for kid in children for e in kid.events
+                          if e.get("event") == "resumed")
     elapsed = time.time() - started
-    report = _verify(url, db_path, ledger_path, prefix, tickets, snapshots)
+    store.close()
+    report = verify(url, db_path, ledger_path, prefix, range(tickets), snapshots)
     report.update(seed=seed, run_id=run_id, kills=len(kill_log), kill_log=kill_log,
                   replayed_entries=resumed_entries, elapsed_s=round(elapsed, 2),
-                  database=url, ledger=ledger_path, escalated=len(signalled))
+                  database=url, ledger=ledger_path, escalated=len(operator.answered))
     if len(kill_log) < kills and failure is None:
         failure = f"only {len(kill_log)} of {kills} kills happened before the run finished"
     if failure:
@@ -213,16 +282,22 @@ def run_demo(url: str, *, tickets: int, kills: int, seed: int | None, concurrenc
     return 0 if ok else 1
 
 
-def _verify(url: str, db_path: str, ledger_path: str, prefix: str, tickets: int,
-            snapshots: dict[tuple[str, int], bytes | None]) -> dict[str, Any]:
+def verify(url: str, db_path: str, ledger_path: str, prefix: str, tickets: range,
+           snapshots: Snapshot) -> dict[str, Any]:
+    """Check a finished run of the tickets numbered ``tickets`` (workflow ids
+    ``{prefix}T{i:03d}``) against the ledger and against an uninterrupted run's results;
+    ``snapshots`` holds the journal entries seen committed after each kill."""
     store = open_store(url)
-    rows = store.list_workflows(ListFilter(id_prefix=prefix, limit=tickets + 10))
+    try:
+        rows = store.list_workflows(ListFilter(id_prefix=prefix, limit=len(tickets) + 10))
+    finally:
+        store.close()
     by_id = {r.id: r for r in rows}
     succeeded = [r for r in rows if r.status is Status.SUCCEEDED]
-    final = _journal_snapshot(db_path, prefix)
-    lost = sum(1 for key, out in snapshots.items() if key not in final or final[key] != out)
+    final = journal_snapshot(db_path, prefix)
+    lost = lost_entries(snapshots, final)
     inconsistent: list[str] = []
-    for i in range(tickets):
+    for i in tickets:
         wid = f"{prefix}T{i:03d}"
         rec = by_id.get(wid)
         if rec is None or rec.status is not Status.SUCCEEDED:
@@ -250,12 +325,11 @@ def _verify(url: str, db_path: str, ledger_path: str, prefix: str, tickets: int,
     committed_at = _commit_times(db_path, prefix)
     after_commit = sum(1 for wid, idx, _a, _p, at in executions
                        if (wid, idx) in committed_at and at > committed_at[(wid, idx)])
-    expected_refunds = sum(1 for i in range(tickets)
-                           if expected_result(make_ticket(i))["refunded"] > 0)
-    ok = (len(succeeded) == tickets and lost == 0 and dup_refunds == 0 and not inconsistent
-          and after_commit == 0 and refunds == expected_refunds)
+    expected_refunds = sum(1 for i in tickets if expected_result(make_ticket(i))["refunded"] > 0)
+    ok = (len(succeeded) == len(tickets) and lost == 0 and dup_refunds == 0
+          and not inconsistent and after_commit == 0 and refunds == expected_refunds)
     return {
-        "ok": ok, "tickets": tickets, "completed": len(succeeded),
+        "ok": ok, "tickets": len(tickets), "completed": len(succeeded),
         "lost_committed_steps": lost, "duplicate_refunds": dup_refunds,
         "refunds": refunds, "expected_refunds": expected_refunds, "payment_calls": calls,
         "deduplicated_payment_calls": calls - refunds,
