@@ -1,7 +1,7 @@
 """Child process for the compensation kill test.
 
 ``python tests/saga_worker.py DB LEDGER start|recover``: ``start`` runs a workflow
-that books 3 trips then parks; the test cancels it; the process compensates and, with
+of 5 bookings that parks after the 3rd; the test cancels it; the process compensates and, with
 SAGA_KILL_AT_UNDO=N, SIGKILLs itself right after the N-th compensation reached the
 receiver (before it was recorded). ``recover`` finishes the compensations.
 """
@@ -44,9 +44,10 @@ def book(trip: str, i: int) -> dict[str, Any]:
 
 @app.workflow(name="saga")
 def saga(trip: str) -> None:
-    for i in range(3):
+    for i in range(5):
+        if i == 3:
+            crashsafe.wait_for("never")  # cancelled here: 3 of 5 bookings done
         book(trip, i)
-    crashsafe.wait_for("never")
 
 
 if __name__ == "__main__":

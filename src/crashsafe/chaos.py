@@ -14,7 +14,8 @@ done, and then checks what survived:
 
 Trial ``i`` of a campaign with seed ``S`` has seed ``S + i``, and everything random in a
 trial (kill instants, tickets, fault rolls) derives from its seed, so
-``crashsafe chaos --seed S+i --trials 1`` replays that trial's kill points.
+``crashsafe chaos --seed S+i --trials 1`` with the campaign's other options replays that
+trial's kill points.
 
 Run as ``python -m crashsafe.chaos --target MODULE:WORKFLOW ...``, this module is the
 child process of a campaign on a user workflow.
@@ -622,8 +623,8 @@ def print_report(console: Console, r: dict[str, Any]) -> None:
     if len(r["failing"]) > 20:
         console.print(f"... and {len(r['failing']) - 20} more failing trials (see --json)")
     verdict = "[bold green]all invariants hold[/]" if r["ok"] else "[bold red]INVARIANT VIOLATED[/]"
-    console.print(f"{verdict} in {r['elapsed_s']:.1f} s (seed {r['seed']}; replay a trial "
-                  "with --seed SEED --trials 1)", highlight=False)
+    console.print(f"{verdict} in {r['elapsed_s']:.1f} s (seed {r['seed']}; to replay a trial, "
+                  "rerun with its seed and --trials 1)", highlight=False)
     if r.get("directory"):
         console.print(f"trial directories kept in {r['directory']}", highlight=False)
 

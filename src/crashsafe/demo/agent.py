@@ -174,6 +174,13 @@ class Ledger:
                 raise
         return {"refund_id": refund_id, "idempotent_replay": replayed}
 
+    def find_refund(self, key: str) -> dict[str, Any] | None:
+        """The payments service's lookup by idempotency key (used to reconcile)."""
+        with self._lock:
+            row = self._conn.execute("SELECT refund_id FROM refunds WHERE key = ?",
+                                     (key,)).fetchone()
+        return None if row is None else {"refund_id": row[0], "idempotent_replay": True}
+
     def reply(self, key: str, ticket_id: str, text: str) -> str:
         with self._lock:
             self._conn.execute(
@@ -255,7 +262,12 @@ def build(url: str, ledger_path: str, fault_rate: float, seed: int,
         maybe_fail()
         return refund_rule(order, label)
 
-    @app.step(name="issue_refund")
+    def reconcile_refund(key: str, order_id: str, amount: float) -> Any:
+        # After a crash cut the refund off: ask the payments service what happened.
+        found = ledger.find_refund(key)
+        return crashsafe.NOT_APPLIED if found is None else found
+
+    @app.step(name="issue_refund", effect=True, reconcile=reconcile_refund)
     def issue_refund(order_id: str, amount: float) -> dict[str, Any]:
         body_started()
         latency(0.03, 0.08)
