@@ -579,3 +579,118 @@ def store_satisfies_the_protocol(factory: StoreFactory) -> None:
         assert isinstance(store, Store)
         assert isinstance(store.url, str)
         assert store.url
+
+
+# -- attempts ------------------------------------------------------------------------------
+@check
+def attempts_upsert_and_load_in_order(factory: StoreFactory) -> None:
+    from crashsafe.stores.base import AttemptRecord
+
+    with opened(factory) as store:
+        store.create_workflow(wf("w1"))
+        started = AttemptRecord("w1", 2, 2, "call", 5.0)
+        failed1 = AttemptRecord("w1", 2, 1, "call", 1.0, 2.0, "rate_limited", b"err", 3.0,
+                                "retry-after header", 5.0, "429")
+        other = AttemptRecord("w1", 0, 1, "first", 0.5, 0.6, "unknown", None, 0.1, "backoff",
+                              0.7)
+        store.apply([[failed1, started], [other]])
+        assert store.load_attempts("w1") == [other, failed1, started]
+        # The started attempt fails later: the same row is replaced, not duplicated.
+        ended = AttemptRecord("w1", 2, 2, "call", 5.0, 6.0, "server_error", b"e2", None, None,
+                              None)
+        store.apply([[ended]])
+        assert store.load_attempts("w1") == [other, failed1, ended]
+        assert store.load_attempts("nobody") == []
+
+
+@check
+def attempts_ride_in_the_same_transaction_as_journal_entries(factory: StoreFactory) -> None:
+    from crashsafe.stores.base import AttemptRecord
+
+    with opened(factory) as store:
+        store.create_workflow(wf("w1"))
+        store.apply([[entry("w1", 0)]])
+        # A batch whose journal entry conflicts must not leave its attempt row behind.
+        results = store.apply([[AttemptRecord("w1", 0, 2, "step", 1.0), entry("w1", 0)]])
+        assert isinstance(results[0], StoreConflictError)
+        assert store.load_attempts("w1") == []
+
+
+# -- shared values (breakers, budgets, limits) ----------------------------------------------
+@check
+def update_shared_reads_modifies_writes_and_deletes(factory: StoreFactory) -> None:
+    with opened(factory) as store:
+        seen: list[bytes | None] = []
+
+        def bump(current: bytes | None, now: float) -> tuple[bytes | None, int]:
+            seen.append(current)
+            assert now > 1_600_000_000  # the store's clock is a real Unix time
+            n = int(current or b"0") + 1
+            return str(n).encode(), n
+
+        assert store.update_shared("b:x", bump) == 1
+        assert store.update_shared("b:x", bump) == 2
+        assert seen == [None, b"1"]
+        value, now = store.read_shared("b:x")
+        assert value == b"2"
+        assert now > 1_600_000_000
+        assert store.read_shared("b:missing")[0] is None
+        assert store.update_shared("b:x", lambda cur, now: (None, "gone")) == "gone"
+        assert store.read_shared("b:x")[0] is None
+
+
+@check
+def update_shared_unchanged_value_keeps_its_timestamp(factory: StoreFactory) -> None:
+    with opened(factory) as store:
+        store.update_shared("k", lambda cur, now: (b"v", None))
+        (_, _, at1), = store.list_shared("k")
+        store.update_shared("k", lambda cur, now: (cur, None))
+        assert store.list_shared("k") == [("k", b"v", at1)]
+
+
+@check
+def list_shared_filters_by_prefix(factory: StoreFactory) -> None:
+    with opened(factory) as store:
+        for key in ("breaker:b", "breaker:a", "budget:a", "breaker%", "breaker_"):
+            store.update_shared(key, lambda cur, now, k=key: (k.encode(), None))
+        listed = store.list_shared("breaker:")
+        assert [k for k, _, _ in listed] == ["breaker:a", "breaker:b"]
+        assert [v for _, v, _ in listed] == [b"breaker:a", b"breaker:b"]
+        # LIKE wildcards in the prefix are literal characters.
+        assert [k for k, _, _ in store.list_shared("breaker%")] == ["breaker%"]
+        assert [k for k, _, _ in store.list_shared("breaker_")] == ["breaker_"]
+
+
+@check
+def update_shared_is_atomic_across_threads(factory: StoreFactory) -> None:
+    with opened(factory) as store:
+        def bump(current: bytes | None, now: float) -> tuple[bytes | None, None]:
+            return str(int(current or b"0") + 1).encode(), None
+
+        def work() -> None:
+            for _ in range(25):
+                store.update_shared("counter", bump)
+
+        threads = [threading.Thread(target=work) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert store.read_shared("counter")[0] == b"100"
+
+
+@check
+def update_shared_error_in_fn_writes_nothing(factory: StoreFactory) -> None:
+    with opened(factory) as store:
+        store.update_shared("k", lambda cur, now: (b"before", None))
+
+        def broken(current: bytes | None, now: float) -> tuple[bytes | None, None]:
+            raise RuntimeError("policy bug")
+
+        try:
+            store.update_shared("k", broken)
+        except RuntimeError as exc:
+            assert str(exc) == "policy bug"
+        else:
+            raise AssertionError("update_shared swallowed the error")
+        assert store.read_shared("k")[0] == b"before"

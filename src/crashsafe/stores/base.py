@@ -14,9 +14,9 @@ batch, the backend retries the batches one by one so only the offender fails.
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypeVar, runtime_checkable
 
 from ..exceptions import StoreConflictError
 
@@ -179,7 +179,44 @@ class EffectStart:
     was recorded for this one."""
 
 
-Op = JournalEntry | FinishWorkflow | CreateWorkflow | MarkWaiting | CompleteEffect
+@dataclass(slots=True)
+class AttemptRecord:
+    """Write op and row: one attempt of a step that did not succeed at its first try.
+
+    A step's first attempt writes nothing here (its journal entry says ``attempts=1``).
+    When an attempt fails and the step will retry, the failure is recorded with the
+    planned delay; before a later attempt's body runs, its start is recorded. So after a
+    crash the engine knows how many attempts were used and when the next one is due,
+    and the total across restarts never exceeds the policy's limit. Written as an
+    upsert on ``(workflow_id, index, attempt)``.
+    """
+
+    workflow_id: str
+    index: int
+    attempt: int
+    step: str
+    started_at: float
+    ended_at: float | None = None
+    failure_class: str | None = None
+    """The failure class (``rate_limited``, ``server_error``, ...) when it failed."""
+    error: bytes | None = None
+    delay: float | None = None
+    """Seconds planned before the next attempt (None: no further attempt)."""
+    delay_source: str | None = None
+    """Where the delay came from: ``backoff``, ``retry-after header``, ..."""
+    next_at: float | None = None
+    """When the next attempt is due (``ended_at + delay``)."""
+    note: str | None = None
+
+
+Op = (JournalEntry | FinishWorkflow | CreateWorkflow | MarkWaiting | CompleteEffect
+      | AttemptRecord)
+
+T = TypeVar("T")
+
+SharedUpdate = Callable[[bytes | None, float], tuple[bytes | None, T]]
+"""``fn(current_value, store_now) -> (new_value, result)`` for
+:meth:`Store.update_shared`; returning the current value unchanged writes nothing."""
 
 
 class WorkflowNotRunning(StoreConflictError):
@@ -329,6 +366,32 @@ class Store(Protocol):
 
     def purge_effects(self, now: float) -> int:
         """Delete done effect rows whose retention ran out; return how many."""
+        ...
+
+    def load_attempts(self, workflow_id: str) -> list[AttemptRecord]:
+        """Recorded attempts of the workflow's steps, ordered by (index, attempt)."""
+        ...
+
+    def update_shared(self, key: str, fn: SharedUpdate[T]) -> T:
+        """Atomically read-modify-write one small shared value (breaker, budget, limit).
+
+        ``fn`` is called inside one transaction that excludes every other updater of
+        ``key`` in every process, with the current value (None if absent) and the
+        store's clock (the database server's time where there is one). If it returns a
+        value different from the current one, that value is written (None deletes the
+        key). ``fn`` may be called more than once if the transaction must be retried,
+        so it must be a pure function of its arguments. Returns ``fn``'s result.
+        """
+        ...
+
+    def read_shared(self, key: str) -> tuple[bytes | None, float]:
+        """The shared value under ``key`` (or None) and the store's clock, without a
+        write transaction."""
+        ...
+
+    def list_shared(self, prefix: str) -> list[tuple[str, bytes, float]]:
+        """``(key, value, updated_at)`` of every shared value whose key starts with
+        ``prefix``, ordered by key."""
         ...
 
     def register_executor(self, record: ExecutorRecord) -> None: ...

@@ -16,6 +16,7 @@ from ..exceptions import StoreConflictError
 from .base import (
     ACTIVE_STATUSES,
     PROCEEDING,
+    AttemptRecord,
     ClaimResult,
     CompleteEffect,
     CreateWorkflow,
@@ -27,7 +28,9 @@ from .base import (
     ListFilter,
     MarkWaiting,
     Op,
+    SharedUpdate,
     Status,
+    T,
     WorkflowExists,
     WorkflowNotRunning,
     WorkflowRecord,
@@ -47,6 +50,8 @@ class MemoryStore:
         self._signals: dict[tuple[str, str], list[bytes]] = {}
         self._effects: dict[str, EffectRow] = {}
         self._intents: set[tuple[str, int]] = set()
+        self._attempts: dict[str, dict[tuple[int, int], AttemptRecord]] = {}
+        self._shared: dict[str, tuple[bytes, float]] = {}
 
     # -- writes ---------------------------------------------------------------------
     def apply(self, batches: Sequence[Sequence[Op]]) -> list[BaseException | None]:
@@ -91,6 +96,9 @@ class MemoryStore:
                     row.state, row.output, row.error = "done", op.output, op.error
                     row.expires_at = op.expires_at
                 self._intents.discard((op.workflow_id, op.index))
+            elif isinstance(op, AttemptRecord):
+                self._attempts.setdefault(op.workflow_id, {})[(op.index, op.attempt)] = \
+                    copy.copy(op)
             elif isinstance(op, MarkWaiting):
                 rec = self._workflows[op.workflow_id]
                 rec.status = Status.RUNNING if op.reason is None else Status.WAITING
@@ -249,6 +257,34 @@ class MemoryStore:
         with self._lock:
             queue = self._signals.get((workflow_id, name), [])
             return queue[nth] if 0 <= nth < len(queue) else None
+
+    def load_attempts(self, workflow_id: str) -> list[AttemptRecord]:
+        with self._lock:
+            rows = self._attempts.get(workflow_id, {})
+            return [copy.copy(rows[k]) for k in sorted(rows)]
+
+    def update_shared(self, key: str, fn: SharedUpdate[T]) -> T:
+        with self._lock:
+            held = self._shared.get(key)
+            current = held[0] if held is not None else None
+            now = time.time()
+            new, result = fn(current, now)
+            if new != current:
+                if new is None:
+                    del self._shared[key]
+                else:
+                    self._shared[key] = (bytes(new), now)
+            return result
+
+    def read_shared(self, key: str) -> tuple[bytes | None, float]:
+        with self._lock:
+            held = self._shared.get(key)
+            return (held[0] if held is not None else None), time.time()
+
+    def list_shared(self, prefix: str) -> list[tuple[str, bytes, float]]:
+        with self._lock:
+            return sorted((k, v, at) for k, (v, at) in self._shared.items()
+                          if k.startswith(prefix))
 
     def get_executors(self, ids: Sequence[str]) -> dict[str, ExecutorRecord]:
         with self._lock:

@@ -31,6 +31,7 @@ from ..exceptions import (
     StoreUnavailableError,
 )
 from .base import (
+    AttemptRecord,
     ClaimResult,
     CompleteEffect,
     CreateWorkflow,
@@ -42,14 +43,16 @@ from .base import (
     ListFilter,
     MarkWaiting,
     Op,
+    SharedUpdate,
     Status,
+    T,
     WorkflowExists,
     WorkflowNotRunning,
     WorkflowRecord,
     decide_claim,
 )
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 # Each entry upgrades the schema from version i to i + 1. Never edit a shipped entry:
 # append a new one.
@@ -132,6 +135,28 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX effects_expiry ON effects (expires_at) WHERE expires_at IS NOT NULL;
     """,
+    """
+    CREATE TABLE attempts (
+        workflow_id TEXT NOT NULL,
+        idx INTEGER NOT NULL,
+        attempt INTEGER NOT NULL,
+        step TEXT NOT NULL,
+        started_at REAL NOT NULL,
+        ended_at REAL,
+        failure_class TEXT,
+        error BLOB,
+        delay REAL,
+        delay_source TEXT,
+        next_at REAL,
+        note TEXT,
+        PRIMARY KEY (workflow_id, idx, attempt)
+    ) WITHOUT ROWID;
+    CREATE TABLE shared (
+        key TEXT PRIMARY KEY,
+        value BLOB NOT NULL,
+        updated_at REAL NOT NULL
+    ) WITHOUT ROWID;
+    """,
 ]
 
 _WF_COLS = (
@@ -156,6 +181,11 @@ _COMPLETE_EFFECT = (
 _CLEAR_INTENT = "DELETE FROM intents WHERE workflow_id = ? AND idx = ?"
 _EFFECT_COLS = ("key, workflow_id, idx, step, args_hash, state, output, error, created_at, "
                 "expires_at")
+_ATTEMPT_COLS = ("workflow_id, idx, attempt, step, started_at, ended_at, failure_class, error, "
+                 "delay, delay_source, next_at, note")
+_UPSERT_ATTEMPT = (
+    f"INSERT OR REPLACE INTO attempts ({_ATTEMPT_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
 _MARK_WAITING = (
     "UPDATE workflows SET status = ?, reason = ? "
     "WHERE id = ? AND status IN ('running', 'waiting') AND owner = ?"
@@ -361,6 +391,7 @@ class SQLiteStore:
         finishes: list[tuple[Any, ...]] = []
         marks: list[tuple[Any, ...]] = []
         effects: list[CompleteEffect] = []
+        attempts: list[tuple[Any, ...]] = []
         for ops in batches:
             for op in ops:
                 if type(op) is JournalEntry:
@@ -371,6 +402,10 @@ class SQLiteStore:
                                      op.workflow_id, op.owner))
                 elif isinstance(op, CompleteEffect):
                     effects.append(op)
+                elif isinstance(op, AttemptRecord):
+                    attempts.append((op.workflow_id, op.index, op.attempt, op.step,
+                                     op.started_at, op.ended_at, op.failure_class, op.error,
+                                     op.delay, op.delay_source, op.next_at, op.note))
                 elif isinstance(op, MarkWaiting):
                     marks.append(("running" if op.reason is None else "waiting", op.reason,
                                   op.workflow_id, op.owner))
@@ -381,7 +416,8 @@ class SQLiteStore:
                                     r.recovery_attempts, r.reason, r.recovery_mark))
         if _faults.ENABLED:
             _faults.point("store: begin journal commit")
-        if len(creates) + len(entries) + len(finishes) + len(marks) == 1 and not effects:
+        if (len(creates) + len(entries) + len(finishes) + len(marks) == 1 and not effects
+                and not attempts):
             # One statement in autocommit mode is its own transaction: one fsync, one call.
             self._apply_single(conn, creates, entries, finishes, marks)
             if _faults.ENABLED:
@@ -393,6 +429,8 @@ class SQLiteStore:
                 conn.executemany(_CREATE, creates)
             if entries:
                 conn.executemany(_INSERT_ENTRY, entries)
+            if attempts:
+                conn.executemany(_UPSERT_ATTEMPT, attempts)
             if effects:
                 conn.executemany(_COMPLETE_EFFECT, [
                     (e.output, e.error, e.expires_at, e.key, e.workflow_id, e.index)
@@ -656,6 +694,34 @@ class SQLiteStore:
             cur = conn.execute("DELETE FROM effects WHERE state = 'done' AND expires_at < ?",
                                (now,))
             return int(cur.rowcount)
+
+    def load_attempts(self, workflow_id: str) -> list[AttemptRecord]:
+        rows = self._read(f"SELECT {_ATTEMPT_COLS} FROM attempts WHERE workflow_id = ? "
+                          "ORDER BY idx, attempt", (workflow_id,))
+        return [AttemptRecord(*r) for r in rows]
+
+    def update_shared(self, key: str, fn: SharedUpdate[T]) -> T:
+        with self._write(f"updating shared state {key!r}") as conn:
+            row = conn.execute("SELECT value FROM shared WHERE key = ?", (key,)).fetchone()
+            current = None if row is None else bytes(row[0])
+            now = time.time()
+            new, result = fn(current, now)
+            if new != current:
+                if new is None:
+                    conn.execute("DELETE FROM shared WHERE key = ?", (key,))
+                else:
+                    conn.execute("INSERT OR REPLACE INTO shared (key, value, updated_at) "
+                                 "VALUES (?, ?, ?)", (key, new, now))
+            return result
+
+    def read_shared(self, key: str) -> tuple[bytes | None, float]:
+        rows = self._read("SELECT value FROM shared WHERE key = ?", (key,))
+        return (bytes(rows[0][0]) if rows else None), time.time()
+
+    def list_shared(self, prefix: str) -> list[tuple[str, bytes, float]]:
+        rows = self._read("SELECT key, value, updated_at FROM shared "
+                          "WHERE substr(key, 1, ?) = ? ORDER BY key", (len(prefix), prefix))
+        return [(r[0], bytes(r[1]), r[2]) for r in rows]
 
     def get_executors(self, ids: Sequence[str]) -> dict[str, ExecutorRecord]:
         out: dict[str, ExecutorRecord] = {}
