@@ -8,7 +8,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any, Concatenate, ParamSpec, TypeVar, overload
 
@@ -26,6 +26,10 @@ from .exceptions import (
     InvalidStateError,
     UnknownWorkflowError,
 )
+from .policies.breaker import CircuitBreaker, Scope
+from .policies.hedge import Hedge
+from .policies.limits import ConcurrencyLimit, Limit, RateLimit
+from .policies.runtime import Resilience
 from .stores import ListFilter, Status, Store, WorkflowRecord, open_store
 from .stores.base import (
     ACTIVE_STATUSES,
@@ -126,8 +130,22 @@ class App:
         self._loop_thread: threading.Thread | None = None
         self._committer_obj: GroupCommitter | None = None
         self._threads = WorkerThreads()
+        self._resilience_obj: Resilience | None = None
+        self._breakers: dict[str, CircuitBreaker] = {}
+        self._limits: dict[str, Limit] = {}
 
     # -- store --------------------------------------------------------------------------
+    @property
+    def _resilience(self) -> Resilience:
+        if self._resilience_obj is None:
+            store = self.store
+            with self._lock:
+                if self._resilience_obj is None:
+                    res = Resilience(store, self.executor_id, HOSTNAME)
+                    res.breakers, res.limits = self._breakers, self._limits
+                    self._resilience_obj = res
+        return self._resilience_obj
+
     @property
     def store(self) -> Store:
         """The store, opened on first use."""
@@ -193,6 +211,8 @@ class App:
         timeout: float | timedelta | None = None, effect: bool = False,
         on_unknown: str | None = None, reconcile: Callable[..., Any] | None = None,
         compensate: Callable[[Any], Any] | None = None,
+        breaker: CircuitBreaker | str | None = None, limits: Sequence[Limit | str] = (),
+        hedge: Hedge | None = None,
     ) -> Callable[[Callable[P, R]], Step[P, R]]: ...
 
     def step(
@@ -201,6 +221,8 @@ class App:
         effect: bool = False, on_unknown: str | None = None,
         reconcile: Callable[..., Any] | None = None,
         compensate: Callable[[Any], Any] | None = None,
+        breaker: CircuitBreaker | str | None = None, limits: Sequence[Limit | str] = (),
+        hedge: Hedge | None = None,
     ) -> Step[P, R] | Callable[[Callable[P, R]], Step[P, R]]:
         """Make a function (``def`` or ``async def``) a step: run once, journaled, replayed.
 
@@ -217,11 +239,19 @@ class App:
         ``compensate=fn`` undoes the step when its workflow is cancelled after the step
         completed: ``fn(result)`` runs once per completed step, in reverse order, and
         each run is journaled (saga).
+
+        ``breaker`` (a name or a :class:`CircuitBreaker`) fails the step fast while the
+        dependency is known to be down; the breaker's state lives in the store, shared
+        by every process. ``limits`` names rate and concurrency limits declared with
+        :meth:`rate_limit` / :meth:`concurrency_limit` (or given as objects) that each
+        attempt must pass. ``hedge`` starts a second call when the first is slow. See
+        docs/resilience.md.
         """
 
         def register(f: Callable[P, R]) -> Step[P, R]:
             st = Step(f, name=name, retry=retry, timeout=timeout, effect=effect,
-                      on_unknown=on_unknown, reconcile=reconcile, compensate=compensate)
+                      on_unknown=on_unknown, reconcile=reconcile, compensate=compensate,
+                      breaker=breaker, limits=limits, hedge=hedge)
             self._steps[st.name] = st
             return st
 
@@ -245,6 +275,34 @@ class App:
             return st
 
         return register
+
+    # -- shared policies ------------------------------------------------------------------
+    def breaker(self, name: str, *, failure_ratio: float = 0.5, min_calls: int = 10,
+                window: float | timedelta = 60.0, consecutive_failures: int | None = None,
+                open_for: float | timedelta = 30.0, probe_lease: float | timedelta = 60.0,
+                scope: Scope = "global") -> CircuitBreaker:
+        """Declare the settings of the breaker ``name`` (steps then say
+        ``breaker=name``). Its state lives in the store: every process shares it."""
+        cfg = CircuitBreaker(name, failure_ratio, min_calls, window, consecutive_failures,
+                             open_for, probe_lease, scope)
+        self._breakers[name] = cfg
+        return cfg
+
+    def rate_limit(self, name: str, rate: float, per: float | timedelta = 1.0,
+                   burst: float | None = None) -> RateLimit:
+        """Declare a rate limit shared by every process: at most ``rate`` calls per
+        ``per`` seconds. Steps name it in ``limits=[...]``."""
+        lim = RateLimit(name, rate, per, burst)
+        self._limits[name] = lim
+        return lim
+
+    def concurrency_limit(self, name: str, limit: int,
+                          lease: float | timedelta = 600.0) -> ConcurrencyLimit:
+        """Declare a concurrency limit shared by every process: at most ``limit``
+        attempts of the steps naming it run at once."""
+        lim = ConcurrencyLimit(name, limit, lease)
+        self._limits[name] = lim
+        return lim
 
     def _lookup(self, name: str, version: str | None = None) -> Workflow[Any, Any] | None:
         versions = self._workflows.get(name)
@@ -344,6 +402,8 @@ class App:
                 if now >= next_beat:
                     self.store.heartbeat(self.executor_id, time.time())
                     next_beat = now + self.heartbeat_interval
+                if self._resilience_obj is not None:
+                    self._resilience_obj.flush()
                 if now >= next_sweep:
                     self.recover()
                     if self.effect_retention is not None:
@@ -392,7 +452,7 @@ class App:
         except WorkflowExists:
             self._check_existing(wf, rec.id)
         else:
-            self._run(wf, rec, list(args), dict(kwargs), [])
+            self._run(wf, rec, list(args), dict(kwargs), [], fresh=True)
         return WorkflowHandle(self, rec.id)
 
     async def start_async(self, fn: Workflow[P, R] | str, *args: Any,
@@ -413,7 +473,7 @@ class App:
         except WorkflowExists:
             await asyncio.to_thread(self._check_existing, wf, rec.id)
         else:
-            self._run(wf, rec, list(args), dict(kwargs), [])
+            self._run(wf, rec, list(args), dict(kwargs), [], fresh=True)
         return WorkflowHandle(self, rec.id)
 
     def _prepare(self, fn: Workflow[Any, Any] | str, args: tuple[Any, ...],
@@ -460,12 +520,14 @@ class App:
             self._check_existing(wf, child_id)
             parent.commit([link])
         else:
-            self._run(wf, rec, list(args), dict(kwargs), [])
+            self._run(wf, rec, list(args), dict(kwargs), [], fresh=True)
         return WorkflowHandle(self, child_id)
 
     def _run(self, wf: Workflow[Any, Any], rec: WorkflowRecord, args: list[Any],
-             kwargs: dict[str, Any], journal: list[JournalEntry]) -> None:
-        ctx = WorkflowContext(self, rec.id, rec.name, journal, is_async=wf.is_async)
+             kwargs: dict[str, Any], journal: list[JournalEntry], *,
+             fresh: bool = False) -> None:
+        ctx = WorkflowContext(self, rec.id, rec.name, journal, is_async=wf.is_async,
+                              fresh=fresh)
         if rec.status is Status.CANCELLING:
             ctx.cancel_event.set()  # it stops at its first durable call and compensates
         ex = Execution(ctx)

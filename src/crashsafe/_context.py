@@ -9,7 +9,7 @@ from contextvars import ContextVar
 from typing import TYPE_CHECKING
 
 from .exceptions import NondeterminismError, NotInWorkflowError, WorkflowCancelled
-from .stores.base import JournalEntry, Op
+from .stores.base import AttemptRecord, JournalEntry, Op
 
 if TYPE_CHECKING:
     from ._app import App
@@ -77,10 +77,10 @@ class WorkflowContext:
     """Everything one running workflow needs: its id, its journal, its cursor."""
 
     __slots__ = (
-        "_async_wake", "app", "cancel_event", "check_only", "compensating", "compensations",
-        "diverged", "executed", "is_async", "journal", "next_index", "patches", "pending",
-        "recorded", "replayed", "shutdown", "signal_event", "waits", "workflow_id",
-        "workflow_name",
+        "_async_wake", "app", "attempts", "cancel_event", "check_only", "compensating",
+        "compensations", "diverged", "executed", "fresh", "hedges", "is_async", "journal",
+        "next_index", "patches", "pending", "recorded", "replayed", "shutdown", "signal_event",
+        "waits", "workflow_id", "workflow_name",
     )
 
     def __init__(
@@ -92,8 +92,13 @@ class WorkflowContext:
         *,
         is_async: bool,
         check_only: bool = False,
+        fresh: bool = False,
     ) -> None:
         self.app = app
+        self.fresh = fresh
+        """Started by this process just now: no attempt of it can have been recorded."""
+        self.attempts: dict[int, list[AttemptRecord]] | None = None
+        self.hedges = 0
         self.workflow_id = workflow_id
         self.workflow_name = workflow_name
         # Compensations are not calls of the workflow's own code: replay never matches
@@ -174,6 +179,18 @@ class WorkflowContext:
             raise self.diverged
         self.replayed += 1
         return idx, entry
+
+    def attempts_for(self, idx: int) -> list[AttemptRecord]:
+        """Recorded attempts of the step at ``idx`` (read once per run, and only for a
+        workflow that may have run before: a recovered or resumed one). Blocking."""
+        if self.fresh or self.check_only:
+            return []
+        if self.attempts is None:
+            found: dict[int, list[AttemptRecord]] = {}
+            for rec in self.app.store.load_attempts(self.workflow_id):
+                found.setdefault(rec.index, []).append(rec)
+            self.attempts = found
+        return self.attempts.get(idx, [])
 
     def peek(self) -> JournalEntry | None:
         return self.journal.get(self.next_index)

@@ -82,10 +82,28 @@ def error_payload(exc: BaseException) -> bytes:
     # so both runs raise the same type even if the rules or the registry change.
     data, _ = encode(
         {"type": _type_key(type(exc)), "message": str(exc), "args": args, "traceback": tb,
-         "rebuild": rebuildable(exc)},
+         "rebuild": rebuildable(exc), "class": failure_class(exc)},
         "exception",
     )
     return data
+
+
+def failure_class(exc: BaseException) -> str:
+    """The failure class of ``exc`` as recorded (a StepError keeps the one recorded at
+    the first run, so decisions made on it are the same on replay)."""
+    recorded = getattr(exc, "failure_class", None)
+    if isinstance(exc, StepError) and isinstance(recorded, str):
+        return recorded
+    from .policies.classify import classify
+
+    return classify(exc).cls.value
+
+
+def recorded_class(payload: bytes) -> str | None:
+    """The failure class stored in an error payload (None in records made before it was)."""
+    info = decode(payload, "error")
+    value = info.get("class") if isinstance(info, dict) else None
+    return value if isinstance(value, str) else None
 
 
 def _fields(payload: bytes, what: str) -> tuple[str, str, list[Any] | None, str, bool]:
@@ -118,7 +136,12 @@ Wrapper = Callable[[str, str, str, str], Exception]
 def _recorded(owner: str, payload: bytes, wrap: Wrapper, what: str) -> BaseException:
     type_key, message, args, tb, rebuild = _fields(payload, what)
     rebuilt = _rebuild(type_key, message, args) if rebuild else None
-    return rebuilt if rebuilt is not None else wrap(owner, type_key, message, tb)
+    if rebuilt is not None:
+        return rebuilt
+    err = wrap(owner, type_key, message, tb)
+    if isinstance(err, StepError):
+        err.failure_class = recorded_class(payload)
+    return err
 
 
 def _live(owner: str, exc: BaseException, wrap: Wrapper) -> BaseException:
@@ -126,6 +149,8 @@ def _live(owner: str, exc: BaseException, wrap: Wrapper) -> BaseException:
         return exc
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     err = wrap(owner, _type_key(type(exc)), str(exc), tb)
+    if isinstance(err, StepError):
+        err.failure_class = failure_class(exc)
     err.__cause__ = exc
     return err
 

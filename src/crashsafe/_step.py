@@ -6,96 +6,36 @@ import asyncio
 import contextvars
 import functools
 import inspect
-import random
 import threading
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import timedelta
 from typing import Any, Generic, ParamSpec, TypeVar
 
 from . import _codec, _effects, _faults, _transact
+from ._attempts import Driver
 from ._context import _STEP, _WORKFLOW, Current, WorkflowContext, _Shutdown
 from ._errors import error_payload, live_step_failure, step_failure
 from .exceptions import (
+    CircuitOpenError,
     ConfigurationError,
     NotInWorkflowError,
     SerializationError,
     StepTimeoutError,
 )
+from .policies import hedge as _hedge
+from .policies.breaker import CircuitBreaker
+from .policies.classify import classify
+from .policies.hedge import Hedge
+from .policies.limits import Limit
+from .policies.retry import NO_RETRY, RetryPolicy, as_policy, seconds
+from .policies.runtime import Ticket
 from .stores.base import JournalEntry
+
+__all__ = ["NO_RETRY", "RetryPolicy", "Step", "as_policy", "seconds"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
-
-
-def seconds(value: float | timedelta | None, what: str) -> float | None:
-    """Accept seconds or a timedelta; reject negatives with a message naming ``what``."""
-    if value is None:
-        return None
-    out = value.total_seconds() if isinstance(value, timedelta) else float(value)
-    if out < 0 or out != out:
-        raise ValueError(f"{what} must be a non-negative duration, got {value!r}")
-    return out
-
-
-@dataclass(frozen=True, slots=True)
-class RetryPolicy:
-    """How a step retries a failed attempt.
-
-    The resilience policies (failure classes, durable budgets, breakers) build on
-    this; here attempts are counted per run of the step.
-    """
-
-    max_attempts: int = 3
-    """Total attempts including the first. 1 means no retry."""
-    initial_delay: float | timedelta = 0.5
-    """Seconds (or a timedelta) before the second attempt, before jitter."""
-    max_delay: float | timedelta = 30.0
-    """Upper bound of any single delay (seconds or a timedelta)."""
-    backoff: float = 2.0
-    """Each delay is the previous one times this factor."""
-    jitter: bool = True
-    """Full jitter: the delay is drawn uniformly from [0, computed delay]."""
-    retry_on: tuple[type[BaseException], ...] = (Exception,)
-    """Only these exception types are retried."""
-    give_up_on: tuple[type[BaseException], ...] = ()
-    """These are never retried, even if they match ``retry_on``."""
-
-    def __post_init__(self) -> None:
-        if self.max_attempts < 1:
-            raise ValueError("RetryPolicy.max_attempts must be at least 1")
-        # Stored as seconds from here on, so delay() does plain arithmetic.
-        object.__setattr__(self, "initial_delay",
-                           seconds(self.initial_delay, "RetryPolicy.initial_delay"))
-        object.__setattr__(self, "max_delay", seconds(self.max_delay, "RetryPolicy.max_delay"))
-        if self.backoff < 1:
-            raise ValueError("RetryPolicy.backoff must be >= 1")
-
-    def delay(self, attempt: int, exc: BaseException) -> float | None:
-        """Seconds to wait before attempt ``attempt + 1``, or None to give up."""
-        if attempt >= self.max_attempts:
-            return None
-        if isinstance(exc, self.give_up_on) or not isinstance(exc, self.retry_on):
-            return None
-        first, most = float(self.initial_delay), float(self.max_delay)  # type: ignore[arg-type]
-        cap = min(most, first * self.backoff ** (attempt - 1))
-        return random.uniform(0, cap) if self.jitter else cap
-
-
-NO_RETRY = RetryPolicy(max_attempts=1)
-
-
-def as_policy(retry: RetryPolicy | int | bool | None) -> RetryPolicy:
-    if retry is None or retry is False:
-        return NO_RETRY
-    if retry is True:
-        return RetryPolicy()
-    if isinstance(retry, RetryPolicy):
-        return retry
-    if isinstance(retry, int):
-        return RetryPolicy(max_attempts=retry)
-    raise TypeError(f"retry must be a RetryPolicy, an int, a bool or None, not {retry!r}")
 
 
 async def _pause(ctx: WorkflowContext, seconds_: float) -> None:
@@ -122,6 +62,9 @@ class Step(Generic[P, R]):
         reconcile: Callable[..., Any] | None = None,
         compensate: Callable[[Any], Any] | None = None,
         transactional: bool = False,
+        breaker: CircuitBreaker | str | None = None,
+        limits: Sequence[Limit | str] = (),
+        hedge: Hedge | None = None,
     ) -> None:
         self.fn = fn
         self.name = name or fn.__qualname__
@@ -148,6 +91,17 @@ class Step(Generic[P, R]):
         self.retry = as_policy(retry)
         self.timeout = seconds(timeout, f"timeout of step {self.name!r}")
         self.is_async = inspect.iscoroutinefunction(fn)
+        if breaker is not None and not isinstance(breaker, CircuitBreaker | str):
+            raise ConfigurationError(f"step {self.name!r}: breaker must be a name or a "
+                                     f"crashsafe.CircuitBreaker, not {breaker!r}")
+        self.breaker = breaker
+        if isinstance(limits, str | bytes):
+            raise ConfigurationError(f"step {self.name!r}: limits must be a list of names "
+                                     "or limits, e.g. limits=['openai-rpm']")
+        self.limits = tuple(limits)
+        if hedge is not None and not isinstance(hedge, Hedge):
+            raise ConfigurationError(f"step {self.name!r}: hedge must be a crashsafe.Hedge")
+        self.hedge = hedge
         if transactional:
             _transact.check(fn, self.is_async, self.name)
             if self.effect:
@@ -155,6 +109,14 @@ class Step(Generic[P, R]):
                     f"step {self.name!r}: a transactional step's writes happen exactly once "
                     "already; it cannot also be an effect step"
                 )
+            if hedge is not None:
+                raise ConfigurationError(f"step {self.name!r}: a transactional step cannot "
+                                         "be hedged")
+        if hedge is not None and self.effect and hedge.alternative is None:
+            raise ConfigurationError(
+                f"step {self.name!r}: hedging an effect step would apply it twice; give the "
+                "hedge an alternative=... that is safe to run alongside, or do not hedge")
+        self._guarded = self.breaker is not None or bool(self.limits)
         hints = _codec.resolve_hints(fn)
         self.return_type: Any = hints.get("return", inspect.Parameter.empty)
         functools.update_wrapper(self, fn)
@@ -187,11 +149,13 @@ class Step(Generic[P, R]):
             return self._run_async(ctx, idx, entry, args, kw, user_key)  # type: ignore[return-value]
         idx, entry = ctx.begin("step", self.name)
         if entry is not None:
-            return self._replay(entry)
+            return self._replay(ctx, entry)
         return self._run_sync(ctx, idx, args, kw, user_key)
 
     # -- replay -------------------------------------------------------------------------
-    def _replay(self, entry: JournalEntry) -> R:
+    def _replay(self, ctx: WorkflowContext, entry: JournalEntry) -> R:
+        if entry.note is not None and "hedged:" in entry.note:
+            ctx.hedges += 1
         if entry.error is not None:
             raise step_failure(self.name, entry.error)
         value = _codec.decode(entry.output or b"null", f"result of step {self.name!r}")
@@ -209,13 +173,19 @@ class Step(Generic[P, R]):
 
     def _settled(self, ctx: WorkflowContext, idx: int, plan: _effects.Plan | None,
                  value: Any, error: Exception | None, attempts: int,
-                 started: float) -> list[Any]:
+                 started: float, note: str | None = None) -> list[Any]:
         if plan is not None:
-            return _effects.settled_ops(self, ctx, idx, plan, value, error, attempts, started,
-                                        self._expiry(ctx))
+            ops = _effects.settled_ops(self, ctx, idx, plan, value, error, attempts, started,
+                                       self._expiry(ctx))
+            if note:
+                ops[0].note = f"{ops[0].note} | {note}" if ops[0].note else note
+            return ops
         if error is not None:
-            return [self._record_error(ctx, idx, error, attempts, started)]
-        return [self._record_result(ctx, idx, value, attempts, started)]
+            entry = self._record_error(ctx, idx, error, attempts, started)
+        else:
+            entry = self._record_result(ctx, idx, value, attempts, started)
+        entry.note = note
+        return [entry]
 
     def _record_result(self, ctx: WorkflowContext, idx: int, result: Any, attempts: int,
                        started: float) -> JournalEntry:
@@ -237,15 +207,15 @@ class Step(Generic[P, R]):
         return JournalEntry(ctx.workflow_id, idx, "step", self.name, None, error_payload(exc),
                             attempts, started, time.time())
 
-    def _call_with_timeout(self, args: Any, kwargs: Any) -> R:
+    def _call_with_timeout(self, fn: Callable[..., Any], args: Any, kwargs: Any) -> Any:
         if self.timeout is None:
-            return self.fn(*args, **kwargs)
+            return fn(*args, **kwargs)
         box: list[Any] = []
         run = contextvars.copy_context().run
 
         def target() -> None:
             try:
-                box.append((True, run(self.fn, *args, **kwargs)))
+                box.append((True, run(fn, *args, **kwargs)))
             except BaseException as exc:  # handed to the calling thread
                 box.append((False, exc))
 
@@ -259,8 +229,73 @@ class Step(Generic[P, R]):
             )
         ok, value = box[0]
         if ok:
-            return value  # type: ignore[no-any-return]
+            return value
         raise value
+
+    # -- policies around each attempt ----------------------------------------------------
+    def _driver(self, ctx: WorkflowContext, idx: int) -> Driver:
+        records = ctx.attempts_for(idx) if self.retry.max_attempts > 1 else []
+        return Driver(self, ctx, idx, records)
+
+    def _admit(self, ctx: WorkflowContext, drv: Driver,
+               wait: Callable[[float], None]) -> None:
+        """Take this attempt's limits and breaker admission (blocking; may raise
+        CircuitOpenError). Released by :meth:`_release`."""
+        res = ctx.app._resilience
+        who = f"{drv.who}:{drv.attempt}"
+        for spec in self.limits:
+            lim = res.limit_config(spec)
+            res.acquire(lim, who, wait)
+            drv.limits_held.append(lim)
+        if self.breaker is not None:
+            cfg = res.breaker_config(self.breaker)
+            drv.ticket = res.admit(cfg, res.breaker_key(cfg, ctx.workflow_name), drv.who)
+
+    def _release(self, ctx: WorkflowContext, drv: Driver, exc: BaseException | None) -> None:
+        res = ctx.app._resilience
+        who = f"{drv.who}:{drv.attempt}"
+        held, drv.limits_held = drv.limits_held, []
+        for lim in held:
+            res.release(lim, who)
+        ticket: Ticket | None = drv.ticket
+        drv.ticket = None
+        if ticket is None:
+            return
+        if exc is None:
+            res.outcome(ticket, False)
+        elif isinstance(exc, Exception) and not isinstance(exc, CircuitOpenError):
+            # A failure the dependency is not to blame for (a bad request) still shows
+            # it answered: it counts as a success, and releases a half-open probe.
+            res.outcome(ticket, drv.policy.rule(classify(exc).cls).counts_for_breaker)
+
+    def _calls(self, args: Any, kwargs: Any, ctx: WorkflowContext) -> list[Callable[[], Any]]:
+        """The original call and its hedges (when this step hedges and the workflow's
+        hedge budget allows)."""
+        first: list[Callable[[], Any]] = [lambda: self._call_with_timeout(self.fn, args, kwargs)]
+        h = self.hedge
+        if h is None:
+            return first
+        extra = h.max_extra
+        if h.max_per_workflow is not None:
+            extra = min(extra, h.max_per_workflow - ctx.hedges)
+        alt = h.alternative or self.fn
+        return first + [lambda: self._call_with_timeout(alt, args, kwargs)] * max(0, extra)
+
+    def _body_sync(self, ctx: WorkflowContext, drv: Driver, args: Any,
+                   kwargs: Any) -> tuple[Any, str | None]:
+        calls = self._calls(args, kwargs, ctx)
+        t0 = time.monotonic()
+        if len(calls) == 1:
+            value = calls[0]()
+            ctx.app._resilience.observe(self.name, time.monotonic() - t0)
+            return value, None
+        assert self.hedge is not None
+        delay = self.hedge.delay(ctx.app._resilience.p95(self.name))
+        out = _hedge.run_sync(calls, delay, ctx.check_interrupt)
+        ctx.hedges += len(out.started) - 1
+        if out.winner == 0:
+            ctx.app._resilience.observe(self.name, out.elapsed)
+        return out.value, out.note() if len(out.started) > 1 else None
 
     def _run_sync(self, ctx: WorkflowContext, idx: int, args: Any, kwargs: Any,
                   user_key: str | None = None) -> R:
@@ -273,39 +308,66 @@ class Step(Generic[P, R]):
             ctx.commit(ops)
             if error is not None:
                 raise live_step_failure(self.name, error)
-            return self._replay(ops[0])  # exactly what a replay will return
-        started = time.time()
-        attempt = 0
+            return self._replay(ctx, ops[0])  # exactly what a replay will return
+        drv = self._driver(ctx, idx)
+        if drv.final_error is not None:
+            return self._give_up_sync(ctx, idx, plan, drv, drv.final_error, None)
+
+        def wait(secs: float) -> None:
+            ctx.cancel_event.wait(secs)
+            ctx.check_interrupt()
+
         while True:
-            attempt += 1
-            token = _STEP.set(self._info(ctx, idx, attempt, plan))
+            delay = drv.next_attempt()
+            if delay > 0:
+                wait(delay)
+            ops = drv.start_ops()
+            if ops:
+                ctx.commit(ops)
+            token = _STEP.set(self._info(ctx, idx, drv.attempt, plan))
+            note: str | None = None
             try:
-                if _faults.ENABLED:
-                    _faults.point(f"step {self.name!r}: before body")
-                if self.transactional:
-                    result = self._run_transaction(ctx, idx, args, kwargs, attempt, started)
-                    ctx.executed += 1
-                    return result
-                result = self._call_with_timeout(args, kwargs)
-                if _faults.ENABLED:
-                    _faults.point(f"step {self.name!r}: after body")
+                failure: BaseException | None = None
+                try:
+                    if self._guarded:
+                        self._admit(ctx, drv, wait)
+                    if _faults.ENABLED:
+                        _faults.point(f"step {self.name!r}: before body")
+                    if self.transactional:
+                        result = self._run_transaction(ctx, idx, args, kwargs, drv)
+                        ctx.executed += 1
+                        return result
+                    result, note = self._body_sync(ctx, drv, args, kwargs)
+                    if _faults.ENABLED:
+                        _faults.point(f"step {self.name!r}: after body")
+                except BaseException as exc:
+                    failure = exc
+                    raise
+                finally:
+                    if self._guarded:
+                        self._release(ctx, drv, failure)
             except Exception as exc:
-                wait = self.retry.delay(attempt, exc)
-                if wait is None:
-                    ctx.commit(self._settled(ctx, idx, plan, None, exc, attempt, started))
-                    ctx.executed += 1
-                    raise live_step_failure(self.name, exc)  # noqa: B904 - cause set inside
-                ctx.cancel_event.wait(wait)
-                ctx.check_interrupt()
-                continue
+                decision, ops, err = drv.failed(exc)
+                if decision.retry:
+                    ctx.commit(ops)
+                    continue
+                return self._give_up_sync(ctx, idx, plan, drv, err, decision.reason)
             finally:
                 _STEP.reset(token)
-            ctx.commit(self._settled(ctx, idx, plan, result, None, attempt, started))
+            ctx.commit(self._settled(ctx, idx, plan, result, None, drv.attempt, drv.started,
+                                     drv.note(note)))
             ctx.executed += 1
             return result
 
+    def _give_up_sync(self, ctx: WorkflowContext, idx: int, plan: _effects.Plan | None,
+                      drv: Driver, error: Exception, reason: str | None) -> R:
+        ctx.commit(self._settled(ctx, idx, plan, None, error, drv.attempt, drv.started,
+                                 drv.note(_gave_up(drv, reason))))
+        ctx.executed += 1
+        raise live_step_failure(self.name, error)
+
     def _run_transaction(self, ctx: WorkflowContext, idx: int, args: Any, kwargs: Any,
-                         attempt: int, started: float) -> R:
+                         drv: Driver) -> R:
         transact = getattr(ctx.app.store, "transact", None)
         if transact is None:
             raise _transact.unsupported(ctx.app.store, self.name)
@@ -317,15 +379,48 @@ class Step(Generic[P, R]):
             return fn(_transact.TransactionConnection(conn), *args, **kwargs)
 
         def record(value: Any) -> JournalEntry:
-            return self._record_result(ctx, idx, value, attempt, started)
+            entry = self._record_result(ctx, idx, value, drv.attempt, drv.started)
+            entry.note = drv.note()
+            return entry
 
         value: R = transact(work, record)
         return value
 
+    # -- async ------------------------------------------------------------------------------
+    async def _body_async(self, ctx: WorkflowContext, drv: Driver, args: Any,
+                          kwargs: Any) -> tuple[Any, str | None]:
+        h = self.hedge
+        t0 = time.monotonic()
+        if h is None or (h.max_per_workflow is not None and ctx.hedges >= h.max_per_workflow):
+            value = await self._attempt_async(self.fn, args, kwargs)
+            ctx.app._resilience.observe(self.name, time.monotonic() - t0)
+            return value, None
+        extra = h.max_extra if h.max_per_workflow is None else min(
+            h.max_extra, h.max_per_workflow - ctx.hedges)
+        alt = h.alternative or self.fn
+        calls: list[Callable[[], Awaitable[Any]]] = [
+            lambda: self._attempt_async(self.fn, args, kwargs)]
+        calls += [lambda: self._attempt_async(alt, args, kwargs)] * extra
+        out = await _hedge.run_async(calls, h.delay(ctx.app._resilience.p95(self.name)))
+        ctx.hedges += len(out.started) - 1
+        if out.winner == 0:
+            ctx.app._resilience.observe(self.name, out.elapsed)
+        return out.value, out.note() if len(out.started) > 1 else None
+
+    async def _attempt_async(self, fn: Callable[..., Any], args: Any, kwargs: Any) -> Any:
+        if self.timeout is None:
+            return await fn(*args, **kwargs)
+        try:
+            return await asyncio.wait_for(fn(*args, **kwargs), self.timeout)
+        except TimeoutError:
+            raise StepTimeoutError(
+                f"step {self.name!r} ran longer than its timeout of {self.timeout:g} s"
+            ) from None
+
     async def _run_async(self, ctx: WorkflowContext, idx: int, entry: JournalEntry | None,
                          args: Any, kwargs: Any, user_key: str | None = None) -> Any:
         if entry is not None:
-            return self._replay(entry)
+            return self._replay(ctx, entry)
         if ctx.pending:
             await ctx.commit_async([])  # journaled values become durable before the body
         plan = None
@@ -338,39 +433,68 @@ class Step(Generic[P, R]):
                 await ctx.commit_async(ops)
                 if error is not None:
                     raise live_step_failure(self.name, error)
-                return self._replay(ops[0])
-        started = time.time()
-        attempt = 0
-        fn: Callable[..., Awaitable[Any]] = self.fn  # type: ignore[assignment]
+                return self._replay(ctx, ops[0])
+        if self.retry.max_attempts > 1 and not ctx.fresh and ctx.attempts is None:
+            await asyncio.to_thread(ctx.attempts_for, idx)
+        drv = self._driver(ctx, idx)
+        if drv.final_error is not None:
+            return await self._give_up_async(ctx, idx, plan, drv, drv.final_error, None)
+
+        def wait(secs: float) -> None:  # in a worker thread, while admission blocks
+            ctx.cancel_event.wait(secs)
+            ctx.check_interrupt()
+
         while True:
-            attempt += 1
-            token = _STEP.set(self._info(ctx, idx, attempt, plan))
+            delay = drv.next_attempt()
+            if delay > 0:
+                await _pause(ctx, delay)
+            ops = drv.start_ops()
+            if ops:
+                await ctx.commit_async(ops)
+            token = _STEP.set(self._info(ctx, idx, drv.attempt, plan))
+            note: str | None = None
             try:
-                if _faults.ENABLED:
-                    _faults.point(f"step {self.name!r}: before body")
-                if self.timeout is None:
-                    result = await fn(*args, **kwargs)
-                else:
-                    try:
-                        result = await asyncio.wait_for(fn(*args, **kwargs), self.timeout)
-                    except TimeoutError:
-                        raise StepTimeoutError(
-                            f"step {self.name!r} ran longer than its timeout of "
-                            f"{self.timeout:g} s"
-                        ) from None
-                if _faults.ENABLED:
-                    _faults.point(f"step {self.name!r}: after body")
+                failure: BaseException | None = None
+                try:
+                    if self._guarded:
+                        await asyncio.to_thread(self._admit, ctx, drv, wait)
+                    if _faults.ENABLED:
+                        _faults.point(f"step {self.name!r}: before body")
+                    result, note = await self._body_async(ctx, drv, args, kwargs)
+                    if _faults.ENABLED:
+                        _faults.point(f"step {self.name!r}: after body")
+                except BaseException as exc:
+                    failure = exc
+                    raise
+                finally:
+                    if self._guarded:
+                        await asyncio.to_thread(self._release, ctx, drv, failure)
             except Exception as exc:
-                wait = self.retry.delay(attempt, exc)
-                if wait is None:
-                    await ctx.commit_async(self._settled(ctx, idx, plan, None, exc, attempt,
-                                                         started))
-                    ctx.executed += 1
-                    raise live_step_failure(self.name, exc)  # noqa: B904 - cause set inside
-                await _pause(ctx, wait)
-                continue
+                if self.retry.budget is not None:  # withdrawing from it is a store write
+                    decision, ops, err = await asyncio.to_thread(drv.failed, exc)
+                else:
+                    decision, ops, err = drv.failed(exc)
+                if decision.retry:
+                    await ctx.commit_async(ops)
+                    continue
+                return await self._give_up_async(ctx, idx, plan, drv, err, decision.reason)
             finally:
                 _STEP.reset(token)
-            await ctx.commit_async(self._settled(ctx, idx, plan, result, None, attempt, started))
+            await ctx.commit_async(self._settled(ctx, idx, plan, result, None, drv.attempt,
+                                                 drv.started, drv.note(note)))
             ctx.executed += 1
             return result
+
+    async def _give_up_async(self, ctx: WorkflowContext, idx: int,
+                             plan: _effects.Plan | None, drv: Driver, error: Exception,
+                             reason: str | None) -> Any:
+        await ctx.commit_async(self._settled(ctx, idx, plan, None, error, drv.attempt,
+                                             drv.started, drv.note(_gave_up(drv, reason))))
+        ctx.executed += 1
+        raise live_step_failure(self.name, error)
+
+
+def _gave_up(drv: Driver, reason: str | None) -> str | None:
+    if not reason or (drv.policy.max_attempts == 1 and not drv.history):
+        return None  # a step without retries failing once needs no explanation
+    return f"gave up: {reason}"

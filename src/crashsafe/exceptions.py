@@ -12,6 +12,9 @@ The tree::
     ├── NondeterminismError                replay met a different call than the journal holds
     ├── StepError                          a recorded step failure whose type cannot be rebuilt
     ├── StepTimeoutError (TimeoutError)    a step attempt ran past its timeout
+    ├── StepCrashedError                   a step's last allowed attempt was cut off by a crash
+    ├── CircuitOpenError                   a step's circuit breaker is open: failing fast
+    ├── RetryBudgetExhaustedError          the shared retry budget is empty: not retrying
     ├── WorkflowFailedError                a workflow ended with an error that cannot be rebuilt
     ├── WorkflowCancelledError             result() of a cancelled workflow
     ├── DeadLetteredError                  result() of a workflow parked as dead letter
@@ -90,19 +93,45 @@ class StepError(CrashsafeError):
     original exception.
     """
 
-    def __init__(self, step_name: str, type_name: str, message: str, traceback: str = "") -> None:
+    def __init__(self, step_name: str, type_name: str, message: str, traceback: str = "",
+                 failure_class: str | None = None) -> None:
         self.step_name = step_name
         self.type_name = type_name
         self.message = message
         self.traceback = traceback
+        self.failure_class = failure_class
+        """The failure class recorded at the first run (``rate_limited``, ...), if any."""
         super().__init__(f"step {step_name!r} failed with {type_name}: {message}")
 
-    def __reduce__(self) -> tuple[type[StepError], tuple[str, str, str, str]]:
-        return (type(self), (self.step_name, self.type_name, self.message, self.traceback))
+    def __reduce__(self) -> tuple[type[StepError], tuple[str, str, str, str, str | None]]:
+        return (type(self), (self.step_name, self.type_name, self.message, self.traceback,
+                             self.failure_class))
 
 
 class StepTimeoutError(CrashsafeError, TimeoutError):
     """A step attempt ran longer than its ``timeout``."""
+
+
+class StepCrashedError(CrashsafeError):
+    """A retried step's last allowed attempt was cut off by a process crash (recorded
+    attempts count even when a crash ends them, so a step that kills its process cannot
+    run more often than its policy allows)."""
+
+
+class CircuitOpenError(CrashsafeError):
+    """The step's circuit breaker is open (or half-open with its one probe in flight
+    elsewhere): the call was not made. ``breaker`` names the breaker."""
+
+    def __init__(self, message: str, breaker: str = "") -> None:
+        super().__init__(message, breaker)
+        self.breaker = breaker
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class RetryBudgetExhaustedError(CrashsafeError):
+    """A failed attempt was not retried because the shared retry budget is empty."""
 
 
 class WorkflowFailedError(CrashsafeError):

@@ -1,0 +1,1 @@
+"""Resilience policies: failure classification, retries, breakers, fallbacks, escalation."""
