@@ -26,11 +26,11 @@ this module never imports them. Order of rules: user registrations
 (:func:`register_classifier`, latest first, their answer is final), error codes in the
 body, timeout and connection types, message heuristics for API errors, the HTTP status,
 body error types. An exception with no opinion (``unknown``) defers to its ``__cause__``
-(else ``__context__``), up to five links. A :class:`~crashsafe.StepError` (or
-``WorkflowFailedError``) carrying only the recorded type name and message is classified
-from those, best effort: the status comes from the SDK type name or from the SDK's
-``Error code: NNN`` message prefix. Turn the SDK's own retries off (``max_retries=0``)
-so that retries happen at one layer only.
+(else ``__context__``), up to five links. A :class:`~crashsafe.StepError` keeps the class
+recorded at its first run, if any; otherwise it (or a ``WorkflowFailedError``) is classified
+from the recorded type name and message, best effort (the status comes from the SDK type
+name or the SDK's ``Error code: NNN`` message prefix).
+Turn the SDK's own retries off (``max_retries=0``) so that retries happen at one layer.
 
 ``Failure.retry_after`` comes from the ``retry-after-ms`` header, else ``retry-after``
 (seconds, or an HTTP date: seconds from now, never negative), else a hint in the error
@@ -216,10 +216,11 @@ _CONTEXT_TEXT = re.compile(r"maximum context length|prompt is too long|too many 
 _CONTENT_TEXT = re.compile(r"content (?:management )?policy|safety system|content filter")
 _STATUS_TEXT = re.compile(r"error code: (\d{3})|(?:client|server) error '(\d{3})", re.I)
 _UNIT = r"(?:ms|milli[a-z]*|h[a-z]*|m(?:in[a-z]*)?|s[a-z]*)(?![a-z])"
-_HINT = re.compile(rf"(?:try again|retry) (?:in|after)\s+((?:\d+(?:\.\d+)?\s*{_UNIT}\s*)+)", re.I)
+_HINT = re.compile(rf"(?:try again|retry)\s+(?:in|after)\s+((?:\d+(?:\.\d+)?\s*{_UNIT}\s*)+)", re.I)
 _HINT_PART = re.compile(rf"(\d+(?:\.\d+)?)\s*({_UNIT})", re.I)
 _SECRET = re.compile(r"\b(sk-[\w*-]{3})[\w*-]+|(bearer\s+)\S+", re.I)
 _MAX_WAIT = 86_400.0
+_VALUES = frozenset(c.value for c in FailureClass)
 
 
 def _get(obj: Any, name: str) -> Any:
@@ -393,7 +394,11 @@ def _detail(f: _Facts) -> str:
 
 def _classify_one(exc: BaseException) -> tuple[Failure, bool]:
     facts = _facts(exc)
-    user = _user_opinion(exc)
+    recorded = _get(exc, "failure_class") if isinstance(exc, StepError) else None
+    if isinstance(recorded, str) and recorded in _VALUES:  # the first run's decision
+        user: FailureClass | None = FailureClass(recorded)
+    else:
+        user = _user_opinion(exc)
     cls = user if user is not None else _decide(exc, facts)
     retry_after, source = _retry_after(facts)
     code = facts.codes[0] if facts.codes else None
