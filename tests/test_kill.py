@@ -29,7 +29,7 @@ WORKER = str(Path(__file__).with_name("kill_worker.py"))
 CAMPAIGNS = 5
 KILLS_PER_CAMPAIGN = 10
 WORKFLOWS = 24
-STEPS = 12
+STEPS = 30
 
 
 def _seed() -> int:

@@ -18,11 +18,13 @@ from ._durable import (
 )
 from ._effects import NOT_APPLIED
 from ._errors import register_exception
+from ._escalation import Escalation
 from ._handle import WorkflowHandle
-from ._step import RetryPolicy, Step
+from ._step import Step
 from ._transact import TransactionConnection
 from ._workflow import Workflow
 from .exceptions import (
+    CircuitOpenError,
     ConfigurationError,
     CorruptRecordError,
     CrashsafeError,
@@ -33,7 +35,9 @@ from .exceptions import (
     NondeterminismError,
     NotInWorkflowError,
     ResultTimeoutError,
+    RetryBudgetExhaustedError,
     SerializationError,
+    StepCrashedError,
     StepError,
     StepTimeoutError,
     StoreConflictError,
@@ -46,6 +50,12 @@ from .exceptions import (
     WorkflowCancelledError,
     WorkflowFailedError,
 )
+from .policies.breaker import CircuitBreaker
+from .policies.classify import FailureClass, classify, register_classifier
+from .policies.fallback import fallback, fallback_async
+from .policies.hedge import Hedge
+from .policies.limits import ConcurrencyLimit, RateLimit
+from .policies.retry import RetryBudget, RetryPolicy
 from .stores import Status
 
 __version__ = "0.1.0"
@@ -53,21 +63,31 @@ __version__ = "0.1.0"
 __all__ = [
     "NOT_APPLIED",
     "App",
+    "CircuitBreaker",
+    "CircuitOpenError",
+    "ConcurrencyLimit",
     "ConfigurationError",
     "CorruptRecordError",
     "CrashsafeError",
     "Current",
     "DeadLetteredError",
     "EffectFailedError",
+    "Escalation",
+    "FailureClass",
+    "Hedge",
     "IdempotencyKeyConflictError",
     "InvalidStateError",
     "NondeterminismError",
     "NotInWorkflowError",
+    "RateLimit",
     "ResultTimeoutError",
+    "RetryBudget",
+    "RetryBudgetExhaustedError",
     "RetryPolicy",
     "SerializationError",
     "Status",
     "Step",
+    "StepCrashedError",
     "StepError",
     "StepTimeoutError",
     "StoreConflictError",
@@ -83,10 +103,14 @@ __all__ = [
     "WorkflowFailedError",
     "WorkflowHandle",
     "__version__",
+    "classify",
     "current",
+    "fallback",
+    "fallback_async",
     "now",
     "patched",
     "random",
+    "register_classifier",
     "register_exception",
     "sleep",
     "sleep_async",

@@ -15,6 +15,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar, overload
 from . import _codec
 from ._commit import GroupCommitter
 from ._context import _STEP, _WORKFLOW, WorkflowContext
+from ._escalation import Escalation
 from ._handle import WorkflowHandle
 from ._recovery import HOSTNAME, executor_alive, process_start_marker
 from ._step import RetryPolicy, Step, seconds
@@ -102,6 +103,7 @@ class App:
         heartbeat_interval: float | timedelta = 2.0,
         recovery_interval: float | timedelta = 5.0,
         effect_retention: float | timedelta | None = None,
+        on_escalate: Callable[[Escalation], Any] | None = None,
     ) -> None:
         if store is not None and url is not None:
             raise ConfigurationError("pass either a URL or a store, not both")
@@ -117,6 +119,8 @@ class App:
         # How long a finished effect's key is remembered (None: forever). After that, a
         # step reusing the key applies the effect again.
         self.effect_retention = seconds(effect_retention, "effect_retention")
+        # Called when a workflow parks to ask a person (see crashsafe._escalation).
+        self.on_escalate = on_escalate
         self.executor_id = f"{HOSTNAME}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
         self._workflows: dict[str, dict[str, Workflow[Any, Any]]] = {}
         self._latest: dict[str, Workflow[Any, Any]] = {}

@@ -143,6 +143,16 @@ class Driver:
         self.prev_delay = decision.delay
         return decision, [rec], error
 
+    def closing_ops(self, exc: BaseException | None) -> list[Op]:
+        """The final attempt's row, ended, to commit with the step's journal entry (only
+        attempts after the first have a row to close)."""
+        if self.attempt < 2:
+            return []
+        cls = _classify(exc).cls.value if exc is not None else None
+        return [AttemptRecord(self.ctx.workflow_id, self.idx, self.attempt, self.step.name,
+                              self.attempt_started, time.time(), cls,
+                              error_payload(exc) if exc is not None else None)]
+
     def note(self, extra: str | None = None) -> str | None:
         """The timeline note of the step's journal entry: how its retries went."""
         parts = []

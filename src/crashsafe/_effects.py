@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from . import _codec
 from ._context import _STEP, Current, WorkflowContext, idempotency_key
 from ._errors import error_payload, step_failure
+from ._escalation import ask
 from .exceptions import (
     ConfigurationError,
     EffectFailedError,
@@ -43,7 +44,7 @@ from .exceptions import (
     InvalidStateError,
     SerializationError,
 )
-from .stores.base import CompleteEffect, EffectRow, JournalEntry, MarkWaiting
+from .stores.base import CompleteEffect, EffectRow, JournalEntry
 
 if TYPE_CHECKING:
     from ._step import Step
@@ -189,30 +190,8 @@ def _escalate(step: Step[Any, Any], ctx: WorkflowContext, idx: int, key: str,
         f"crash ({why}); decide with `crashsafe signal {ctx.workflow_id} {signal} "
         """'{"action": "retry"}'` (or "skip" with a "result", or "fail" with a "message")"""
     )
-    store = ctx.app.store
-    # Only an answer sent after this escalation counts: an earlier escalation of the
-    # same step may have been answered already, and that answer is not reused.
-    nth = 0
-    while store.get_signal(ctx.workflow_id, signal, nth) is not None:
-        nth += 1
-    ctx.commit([MarkWaiting(ctx.workflow_id, ctx.app.executor_id, reason)])
-    poll = 0.05
-    while True:
-        ctx.check_interrupt()
-        ctx.signal_event.clear()
-        payload = store.get_signal(ctx.workflow_id, signal, nth)
-        if payload is None:
-            ctx.signal_event.wait(poll)
-            poll = min(poll * 2, 1.0)
-            continue
-        decision = _codec.decode(payload, f"signal {signal!r}")
-        action = decision.get("action") if isinstance(decision, dict) else None
-        if action in ("retry", "skip", "fail"):
-            break
-        nth += 1  # not a decision: say so and keep waiting for one
-        ctx.commit([MarkWaiting(ctx.workflow_id, ctx.app.executor_id,
-                                f"{reason}; the last answer {decision!r} was not understood")])
-    ctx.commit([MarkWaiting(ctx.workflow_id, ctx.app.executor_id, None)])
+    decision = ask(ctx, idx, step.name, signal, reason, ("retry", "skip", "fail"))
+    action = decision["action"]
     prefix = f"{NOTE_PREFIX}escalated ({why}); a person chose "
     if action == "skip":
         return Plan(key, prefix + "skip", done=True, value=decision.get("result"))

@@ -91,12 +91,28 @@ def error_payload(exc: BaseException) -> bytes:
 def failure_class(exc: BaseException) -> str:
     """The failure class of ``exc`` as recorded (a StepError keeps the one recorded at
     the first run, so decisions made on it are the same on replay)."""
+    pinned = getattr(exc, CLASS_ATTR, None)
+    if isinstance(pinned, str):
+        return pinned
     recorded = getattr(exc, "failure_class", None)
     if isinstance(exc, StepError) and isinstance(recorded, str):
         return recorded
     from .policies.classify import classify
 
     return classify(exc).cls.value
+
+
+CLASS_ATTR = "_crashsafe_failure_class"
+"""Set on an exception to pin the failure class recorded for it (and, on replay, set
+on the rebuilt exception from the record)."""
+
+
+def pin_class(exc: BaseException, cls: str | None) -> None:
+    if cls is not None:
+        try:
+            setattr(exc, CLASS_ATTR, cls)
+        except AttributeError:  # an exception type with __slots__: classify it afresh
+            pass
 
 
 def recorded_class(payload: bytes) -> str | None:
@@ -137,6 +153,7 @@ def _recorded(owner: str, payload: bytes, wrap: Wrapper, what: str) -> BaseExcep
     type_key, message, args, tb, rebuild = _fields(payload, what)
     rebuilt = _rebuild(type_key, message, args) if rebuild else None
     if rebuilt is not None:
+        pin_class(rebuilt, recorded_class(payload))
         return rebuilt
     err = wrap(owner, type_key, message, tb)
     if isinstance(err, StepError):

@@ -15,7 +15,8 @@ from typing import Any, Generic, ParamSpec, TypeVar
 from . import _codec, _effects, _faults, _transact
 from ._attempts import Driver
 from ._context import _STEP, _WORKFLOW, Current, WorkflowContext, _Shutdown
-from ._errors import error_payload, live_step_failure, step_failure
+from ._errors import error_payload, live_step_failure, pin_class, step_failure
+from ._escalation import ask, describe_actions
 from .exceptions import (
     CircuitOpenError,
     ConfigurationError,
@@ -351,18 +352,48 @@ class Step(Generic[P, R]):
                 if decision.retry:
                     ctx.commit(ops)
                     continue
-                return self._give_up_sync(ctx, idx, plan, drv, err, decision.reason)
+                reason = decision.reason
+                if decision.escalate:
+                    action, value = self._ask_person(ctx, idx, drv, err, reason)
+                    if action == "retry":
+                        continue
+                    if action == "value":
+                        ops = self._settled(ctx, idx, plan, value, None, drv.attempt,
+                                            drv.started, drv.note("a person supplied the result"))
+                        ctx.commit(ops)
+                        ctx.executed += 1
+                        return self._replay(ctx, ops[0])
+                    reason = f"a person chose {action!r} after: {reason}"
+                return self._give_up_sync(ctx, idx, plan, drv, err, reason)
             finally:
                 _STEP.reset(token)
             ctx.commit(self._settled(ctx, idx, plan, result, None, drv.attempt, drv.started,
-                                     drv.note(note)))
+                                     drv.note(note)) + drv.closing_ops(None))
             ctx.executed += 1
             return result
+
+    def _ask_person(self, ctx: WorkflowContext, idx: int, drv: Driver, err: Exception,
+                    reason: str) -> tuple[str, Any]:
+        """Escalate a failure the policy cannot handle; blocking. Returns the person's
+        action and, for ``value``, the value."""
+        signal = f"resolve:{idx}"
+        why = (f"step {self.name!r} (index {idx}) failed after {drv.attempt} attempt(s) "
+               f"with {type(err).__name__}: {str(err)[:200]} ({reason}); "
+               + describe_actions(ctx, signal, PERSON_ACTIONS)
+               + """; "value" takes {"value": ...} as the step's result""")
+        decision = ask(ctx, idx, self.name, signal, why, PERSON_ACTIONS)
+        action = str(decision["action"])
+        drv.history.append(f"escalated: a person chose {action}")
+        if action == "retry":
+            drv.next_at = None
+        elif action in ("fallback", "abort"):
+            pin_class(err, f"person:{action}")
+        return action, decision.get("value")
 
     def _give_up_sync(self, ctx: WorkflowContext, idx: int, plan: _effects.Plan | None,
                       drv: Driver, error: Exception, reason: str | None) -> R:
         ctx.commit(self._settled(ctx, idx, plan, None, error, drv.attempt, drv.started,
-                                 drv.note(_gave_up(drv, reason))))
+                                 drv.note(_gave_up(drv, reason))) + drv.closing_ops(error))
         ctx.executed += 1
         raise live_step_failure(self.name, error)
 
@@ -477,11 +508,25 @@ class Step(Generic[P, R]):
                 if decision.retry:
                     await ctx.commit_async(ops)
                     continue
-                return await self._give_up_async(ctx, idx, plan, drv, err, decision.reason)
+                reason = decision.reason
+                if decision.escalate:
+                    action, value = await asyncio.to_thread(self._ask_person, ctx, idx, drv,
+                                                            err, reason)
+                    if action == "retry":
+                        continue
+                    if action == "value":
+                        ops = self._settled(ctx, idx, plan, value, None, drv.attempt,
+                                            drv.started, drv.note("a person supplied the result"))
+                        await ctx.commit_async(ops)
+                        ctx.executed += 1
+                        return self._replay(ctx, ops[0])
+                    reason = f"a person chose {action!r} after: {reason}"
+                return await self._give_up_async(ctx, idx, plan, drv, err, reason)
             finally:
                 _STEP.reset(token)
             await ctx.commit_async(self._settled(ctx, idx, plan, result, None, drv.attempt,
-                                                 drv.started, drv.note(note)))
+                                                 drv.started, drv.note(note))
+                                   + drv.closing_ops(None))
             ctx.executed += 1
             return result
 
@@ -489,9 +534,13 @@ class Step(Generic[P, R]):
                              plan: _effects.Plan | None, drv: Driver, error: Exception,
                              reason: str | None) -> Any:
         await ctx.commit_async(self._settled(ctx, idx, plan, None, error, drv.attempt,
-                                             drv.started, drv.note(_gave_up(drv, reason))))
+                                             drv.started, drv.note(_gave_up(drv, reason)))
+                               + drv.closing_ops(error))
         ctx.executed += 1
         raise live_step_failure(self.name, error)
+
+
+PERSON_ACTIONS = ("retry", "fallback", "abort", "value")
 
 
 def _gave_up(drv: Driver, reason: str | None) -> str | None:

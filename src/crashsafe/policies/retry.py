@@ -156,13 +156,15 @@ class RetryPolicy:
         if attempt >= self.max_attempts:
             return Decision(False, reason=f"all {self.max_attempts} attempts failed",
                             escalate=self.escalate)
-        delay = max(self.backoff_delay(attempt, previous_delay) * rule.delay_factor,
-                    rule.min_delay)
+        delay = self.backoff_delay(attempt, previous_delay) * rule.delay_factor
         source = "backoff"
-        if self.honor_retry_after and failure.retry_after is not None \
-                and failure.retry_after > delay:
-            delay = failure.retry_after
-            source = failure.retry_after_source or "retry-after"
+        if self.honor_retry_after and failure.retry_after is not None:
+            # The server's own figure replaces the class's minimum delay.
+            if failure.retry_after >= delay:
+                delay = failure.retry_after
+                source = failure.retry_after_source or "retry-after"
+        else:
+            delay = max(delay, rule.min_delay)
         if self.max_total is not None and elapsed + delay > float(self.max_total):  # type: ignore[arg-type]
             return Decision(False, delay, source, reason=(
                 f"the next attempt would start after the total time cap of "
