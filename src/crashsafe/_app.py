@@ -27,7 +27,9 @@ from .exceptions import (
     InvalidStateError,
     UnknownWorkflowError,
 )
-from .policies.breaker import CircuitBreaker, Scope
+from .policies.breaker import BreakerInfo, CircuitBreaker, Scope
+from .policies.breaker import info as breaker_info
+from .policies.breaker import reset as reset_doc
 from .policies.hedge import Hedge
 from .policies.limits import ConcurrencyLimit, Limit, RateLimit
 from .policies.runtime import Resilience
@@ -307,6 +309,21 @@ class App:
         lim = ConcurrencyLimit(name, limit, lease)
         self._limits[name] = lim
         return lim
+
+    def breakers(self) -> list[BreakerInfo]:
+        """Every breaker recorded in the store, with its state and recent changes."""
+        return [breaker_info(key, raw) for key, raw, _ in self.store.list_shared("breaker:")]
+
+    def reset_breaker(self, name: str) -> bool:
+        """Close breaker ``name`` by hand (forgetting its window); False if unknown."""
+        key = name if name.startswith("breaker:") else f"breaker:{name}"
+
+        def close(raw: bytes | None, now: float) -> tuple[bytes | None, bool]:
+            if raw is None:
+                return None, False
+            return reset_doc(raw, now), True
+
+        return self.store.update_shared(key, close)
 
     def _lookup(self, name: str, version: str | None = None) -> Workflow[Any, Any] | None:
         versions = self._workflows.get(name)

@@ -162,6 +162,46 @@ def ls_cmd(
     out.print(table)
 
 
+_BREAKER_STYLE = {"closed": "green", "open": "bold red", "half_open": "yellow"}
+
+
+@cli.command("breakers")
+def breakers_cmd(
+    reset: Annotated[str | None, typer.Option(
+        "--reset", help="Close this breaker by hand (forgets its window).")] = None,
+    as_json: JsonOption = False,
+    db: DbOption = None,
+) -> None:
+    """List every circuit breaker: state, calls in its window, trips, last change."""
+    try:
+        app = _open_app(db)
+        if reset is not None:
+            if not app.reset_breaker(reset):
+                raise _fail(f"no breaker named {reset!r}; `crashsafe breakers` lists them")
+            out.print(f"breaker {reset!r} closed", highlight=False)
+            return
+        rows = app.breakers()
+    except CrashsafeError as exc:
+        raise _fail(str(exc)) from None
+    if as_json:
+        out.print_json(json.dumps([dataclasses.asdict(r) for r in rows]))
+        return
+    if not rows:
+        out.print("no breakers recorded yet")
+        return
+    table = Table(box=None, header_style="bold")
+    for col in ("BREAKER", "STATE", "OK", "FAILED", "TRIPS", "CHANGED", "WHY"):
+        table.add_column(col)
+    for r in rows:
+        why = r.why
+        if r.open_until is not None:
+            why = f"{why} (probe after {_when(r.open_until)})"
+        table.add_row(Text(r.name), Text(r.state, style=_BREAKER_STYLE.get(r.state, "")),
+                      str(r.successes), str(r.failures), str(r.trips), _when(r.changed_at),
+                      Text(why))
+    out.print(table)
+
+
 def _preview(entry: JournalEntry, width: int = 60) -> Text:
     """One cell of the timeline, as Text: stored values are user data, never markup."""
     if entry.error is not None:

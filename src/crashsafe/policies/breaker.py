@@ -202,6 +202,45 @@ def _trip_reason(cfg: CircuitBreaker, doc: Doc) -> str:
     return ""
 
 
+def reset(raw: bytes, now: float) -> bytes:
+    """A breaker closed by hand (``crashsafe breakers --reset``), its window cleared."""
+    doc = load(raw)
+    doc.buckets, doc.streak, doc.probe = [], 0, None
+    if doc.state != BreakerState.CLOSED:
+        _move(doc, BreakerState.CLOSED, now, "closed by hand")
+    return dump(doc)
+
+
 def counts(doc: Doc) -> tuple[int, int]:
     """(successes, failures) in the current window."""
     return int(sum(b[1] for b in doc.buckets)), int(sum(b[2] for b in doc.buckets))
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerInfo:
+    """One breaker as :meth:`App.breakers` and ``crashsafe breakers`` show it."""
+
+    name: str
+    """The breaker's name, with ``@host:...`` or ``@process:...`` for narrower scopes."""
+    state: str
+    successes: int
+    failures: int
+    """Calls in the current window (successes counted by a process are written about
+    once a second)."""
+    trips: int
+    changes: int
+    changed_at: float
+    why: str
+    open_until: float | None
+    probe: str | None
+    history: list[list[Any]]
+
+
+def info(key: str, raw: bytes) -> BreakerInfo:
+    doc = load(raw)
+    ok, failed = counts(doc)
+    return BreakerInfo(key.removeprefix("breaker:"), doc.state, ok, failed, doc.trips,
+                       doc.changes, doc.changed_at, doc.why,
+                       doc.until if doc.state == BreakerState.OPEN else None,
+                       doc.probe if doc.state == BreakerState.HALF_OPEN else None,
+                       list(doc.history))

@@ -27,7 +27,8 @@ def default_url() -> str:
 
 
 def open_store(url: str | None = None) -> Store:
-    """Open the store a URL names: ``sqlite:///file.db`` or ``memory://``."""
+    """Open the store a URL names: ``sqlite:///file.db``,
+    ``postgresql://user@host:5432/db`` or ``memory://``."""
     url = url or default_url()
     if not isinstance(url, str):
         raise ConfigurationError(f"database URL must be a string, not {type(url).__name__}")
@@ -39,14 +40,22 @@ def open_store(url: str | None = None) -> Store:
     if scheme == "memory":
         return MemoryStore(url)
     if scheme in ("postgresql", "postgres"):
-        raise ConfigurationError(
-            f"{url!r}: the PostgreSQL store is not available in this version of crashsafe; "
-            "use sqlite:///path.db for now"
-        )
+        return _open_postgres(url)
     raise ConfigurationError(
         f"unsupported database URL {url!r}: use sqlite:///relative.db, "
-        "sqlite:////absolute/path.db or memory://"
+        "sqlite:////absolute/path.db, postgresql://user@host:5432/dbname or memory://"
     )
+
+
+def _open_postgres(url: str) -> Store:
+    try:
+        from .postgres import PostgresStore
+    except ImportError as exc:
+        raise ConfigurationError(
+            f"the PostgreSQL store needs psycopg 3 and psycopg-pool ({exc}); install them "
+            "with: pip install 'crashsafe[postgres]'"
+        ) from exc
+    return PostgresStore(url)
 
 
 __all__ = [
