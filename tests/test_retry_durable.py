@@ -387,3 +387,69 @@ def test_kill_during_backoff_keeps_the_total_at_max_attempts(tmp_path: Path) -> 
         pytest.fail("the workflow never finished")
     assert kills >= 3, f"only {kills} kills landed during a backoff"
     assert _executions(ledger) == [1, 2, 3, 4, 5]
+
+
+# -- long waits free the worker -----------------------------------------------------------------
+def _suspending_flow(app: App, calls: list[int]) -> Any:
+    policy = RetryPolicy(max_attempts=3, initial_delay=0.8, backoff=1.0, jitter="none",
+                         suspend_after=0.2)
+
+    @app.step(retry=policy)
+    def slow_to_recover() -> str:
+        calls.append(crashsafe.current().attempt or 0)
+        if len(calls) == 1:
+            raise ConnectionError("try again later")
+        return "recovered"
+
+    @app.workflow()
+    def flow() -> str:
+        return slow_to_recover()
+
+    return flow
+
+
+def test_a_distant_retry_parks_the_workflow_and_frees_its_thread(app: App) -> None:
+    calls: list[int] = []
+    handle = app.start(_suspending_flow(app, calls), workflow_id="parked")
+    wait_until(lambda: handle.status() is Status.WAITING, what="the workflow to park")
+    rec = app.store.get_workflow("parked")
+    assert rec is not None and rec.reason is not None and "retries at" in rec.reason
+    assert "parked" not in app._executions  # no thread holds it while it waits
+    assert handle.result(timeout=10) == "recovered"
+    assert calls == [1, 2]
+    assert handle.status() is Status.SUCCEEDED
+
+
+def test_cancelling_a_parked_workflow_takes_effect_at_once(app: App) -> None:
+    calls: list[int] = []
+    policy = RetryPolicy(max_attempts=2, initial_delay=30, jitter="none", suspend_after=0.1)
+
+    @app.step(retry=policy)
+    def never_soon() -> str:
+        calls.append(1)
+        raise ConnectionError("down for a while")
+
+    @app.workflow()
+    def flow() -> str:
+        return never_soon()
+
+    handle = app.start(flow, workflow_id="parked-cancel")
+    wait_until(lambda: handle.status() is Status.WAITING, what="the workflow to park")
+    handle.cancel()
+    wait_until(lambda: handle.status() is Status.CANCELLED, timeout=5,
+               what="the parked workflow to be cancelled")
+    assert calls == [1]
+
+
+def test_a_parked_workflow_of_a_crashed_process_is_resumed_by_another(
+        make_app: AppFactory) -> None:
+    calls: list[int] = []
+    first = make_app()
+    handle = first.start(_suspending_flow(first, calls), workflow_id="parked-crash")
+    wait_until(lambda: handle.status() is Status.WAITING, what="the workflow to park")
+    simulate_crash(first, wait=1)
+    second = make_app()
+    _suspending_flow(second, calls)
+    (resumed,) = second.recover()
+    assert resumed.result(timeout=10) == "recovered"
+    assert calls == [1, 2]

@@ -14,7 +14,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar, overload
 
 from . import _codec
 from ._commit import GroupCommitter
-from ._context import _STEP, _WORKFLOW, WorkflowContext
+from ._context import _STEP, _WORKFLOW, WorkflowContext, _Suspend
 from ._escalation import Escalation
 from ._handle import WorkflowHandle
 from ._recovery import HOSTNAME, executor_alive, process_start_marker
@@ -25,6 +25,7 @@ from .exceptions import (
     ConfigurationError,
     CrashsafeError,
     InvalidStateError,
+    StoreConflictError,
     UnknownWorkflowError,
 )
 from .policies.breaker import BreakerInfo, CircuitBreaker, Scope
@@ -39,6 +40,7 @@ from .stores.base import (
     CreateWorkflow,
     ExecutorRecord,
     JournalEntry,
+    MarkWaiting,
     WorkflowExists,
 )
 
@@ -137,6 +139,8 @@ class App:
         self._committer_obj: GroupCommitter | None = None
         self._threads = WorkerThreads()
         self._resilience_obj: Resilience | None = None
+        # Sync workflows parked for a distant retry: id -> when to resume them.
+        self._suspended: dict[str, float] = {}
         self._breakers: dict[str, CircuitBreaker] = {}
         self._limits: dict[str, Limit] = {}
 
@@ -420,6 +424,7 @@ class App:
             now = time.monotonic()
             try:
                 self._poll_cancellations()
+                self._wake_suspended()
                 if now >= next_beat:
                     self.store.heartbeat(self.executor_id, time.time())
                     next_beat = now + self.heartbeat_interval
@@ -432,6 +437,28 @@ class App:
                     next_sweep = now + self.recovery_interval
             except Exception as exc:  # keep serving; try again on the next tick
                 log.warning("crashsafe background work failed: %s", exc, exc_info=True)
+
+    def _wake_suspended(self) -> None:
+        """Resume parked workflows whose time has come, or that were cancelled."""
+        with self._lock:
+            if not self._suspended:
+                return
+            parked = dict(self._suspended)
+        now = time.time()
+        due = {wid for wid, at in parked.items() if at <= now}
+        due.update(self.store.cancelled_among(list(parked)))
+        for wid in due:
+            with self._lock:
+                self._suspended.pop(wid, None)
+            rec = self.store.get_workflow(wid)
+            if rec is None or not rec.status.active or rec.owner != self.executor_id:
+                continue  # finished, or taken over by another process meanwhile
+            if rec.status is Status.WAITING:
+                try:
+                    self._committer.commit([MarkWaiting(wid, self.executor_id, None)])
+                except StoreConflictError:
+                    continue
+            self._resume(rec)
 
     def _poll_cancellations(self) -> None:
         with self._lock:
@@ -568,6 +595,9 @@ class App:
             self._threads.submit(target)
 
     def _finish(self, ex: Execution, outcome: Outcome) -> None:
+        if outcome.kind == "suspended" and isinstance(outcome.error, _Suspend):
+            with self._lock:
+                self._suspended[ex.ctx.workflow_id] = outcome.error.wake_at
         if outcome.kind == "store_error":
             log.error("workflow %s stopped: %s; this process resumes it at its next recovery "
                       "sweep once the store works", ex.ctx.workflow_id, outcome.error)
@@ -591,9 +621,10 @@ class App:
         handles: list[WorkflowHandle[Any]] = []
         # Our own workflows that stopped without finishing (a store error interrupted
         # them) are resumed here without a claim: they are ours already.
+        now = time.time()
         for wid, owner, name in rows:
             if owner == self.executor_id and wid not in self._executions \
-                    and name in self._workflows:
+                    and name in self._workflows and self._suspended.get(wid, 0.0) <= now:
                 rec = self.store.get_workflow(wid)
                 if rec is not None and rec.status.active \
                         and rec.owner == self.executor_id and self._resume(rec):

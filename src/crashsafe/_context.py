@@ -19,6 +19,16 @@ class _Shutdown(BaseException):
     """Stops a workflow at its next durable call because its app is closing."""
 
 
+class _Suspend(BaseException):
+    """Unwinds a sync workflow that must wait long (a distant retry): its thread is freed
+    and the app resumes it from the journal at ``wake_at``."""
+
+    def __init__(self, wake_at: float, reason: str) -> None:
+        super().__init__(reason)
+        self.wake_at = wake_at
+        self.reason = reason
+
+
 class _ReplayEnd(BaseException):
     """A check-only replay reached the end of the recorded journal."""
 

@@ -14,7 +14,7 @@ from typing import Any, Generic, ParamSpec, TypeVar
 
 from . import _codec, _effects, _faults, _transact
 from ._attempts import Driver
-from ._context import _STEP, _WORKFLOW, Current, WorkflowContext, _Shutdown
+from ._context import _STEP, _WORKFLOW, Current, WorkflowContext, _Shutdown, _Suspend
 from ._errors import error_payload, live_step_failure, pin_class, step_failure
 from ._escalation import ask, describe_actions
 from .exceptions import (
@@ -321,6 +321,8 @@ class Step(Generic[P, R]):
         while True:
             delay = drv.next_attempt()
             if delay > 0:
+                if delay > float(self.retry.suspend_after) and drv.next_at is not None:  # type: ignore[arg-type]
+                    self._suspend(ctx, idx, drv)
                 wait(delay)
             ops = drv.start_ops()
             if ops:
@@ -371,6 +373,17 @@ class Step(Generic[P, R]):
                                      drv.note(note)) + drv.closing_ops(None))
             ctx.executed += 1
             return result
+
+    def _suspend(self, ctx: WorkflowContext, idx: int, drv: Driver) -> None:
+        """Free this thread until the next attempt is due: the workflow is parked as
+        waiting and resumed from the journal then (a durable timer)."""
+        if drv.pending:
+            ops, drv.pending = drv.pending, []
+            ctx.commit(ops)  # a crashed attempt's row, so waking does not re-plan it
+        when = time.strftime("%H:%M:%S", time.localtime(drv.next_at))
+        raise _Suspend(float(drv.next_at or 0.0),
+                       f"step {self.name!r} (index {idx}) retries at {when} "
+                       f"(attempt {drv.attempt})")
 
     def _ask_person(self, ctx: WorkflowContext, idx: int, drv: Driver, err: Exception,
                     reason: str) -> tuple[str, Any]:

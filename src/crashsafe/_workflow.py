@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 
 from . import _codec
-from ._context import _WORKFLOW, WorkflowContext, _ReplayEnd, _Shutdown
+from ._context import _WORKFLOW, WorkflowContext, _ReplayEnd, _Shutdown, _Suspend
 from ._errors import error_payload, live_workflow_failure
 from .exceptions import (
     NondeterminismError,
@@ -19,7 +19,7 @@ from .exceptions import (
     StoreError,
     WorkflowCancelled,
 )
-from .stores.base import FinishWorkflow, JournalEntry, Status, WorkflowNotRunning
+from .stores.base import FinishWorkflow, JournalEntry, MarkWaiting, Status, WorkflowNotRunning
 
 if TYPE_CHECKING:
     from ._app import App
@@ -36,7 +36,8 @@ class Outcome:
     __slots__ = ("error", "kind", "value")
 
     def __init__(self, kind: str, value: Any = None, error: BaseException | None = None) -> None:
-        self.kind = kind  # "ok", "error", "cancelled", "dead_letter", "store_error", "aborted"
+        # "ok", "error", "cancelled", "dead_letter", "store_error", "aborted", "suspended"
+        self.kind = kind
         self.value = value
         self.error = error
 
@@ -170,6 +171,8 @@ def _on_failure(wf: Workflow[Any, Any], ctx: WorkflowContext, exc: BaseException
     """Decide what a workflow that raised becomes; returns the outcome to report."""
     if ctx.diverged is not None and not isinstance(exc, _Shutdown | WorkflowCancelled):
         exc = ctx.diverged  # whatever the code raised after diverging, the cause is this
+    if isinstance(exc, _Suspend):
+        return _suspend(ctx, exc)
     if isinstance(exc, WorkflowCancelled):
         return Outcome("cancelled", error=exc)
     if isinstance(exc, _Shutdown | _ReplayEnd):
@@ -201,6 +204,16 @@ def _on_failure(wf: Workflow[Any, Any], ctx: WorkflowContext, exc: BaseException
     except StoreError as store_exc:
         return Outcome("store_error", error=store_exc)
     return Outcome("error", error=live_workflow_failure(ctx.workflow_id, exc))
+
+
+def _suspend(ctx: WorkflowContext, exc: _Suspend) -> Outcome:
+    try:
+        ctx.commit([MarkWaiting(ctx.workflow_id, ctx.app.executor_id, exc.reason)])
+    except StoreConflictError as store_exc:
+        return Outcome("aborted", error=store_exc)  # cancelled or taken over meanwhile
+    except StoreError as store_exc:
+        return Outcome("store_error", error=store_exc)
+    return Outcome("suspended", error=exc)
 
 
 def compensate(ctx: WorkflowContext) -> list[str]:
