@@ -453,3 +453,24 @@ def test_a_parked_workflow_of_a_crashed_process_is_resumed_by_another(
     (resumed,) = second.recover()
     assert resumed.result(timeout=10) == "recovered"
     assert calls == [1, 2]
+
+
+def test_time_left_counts_down_from_the_step_timeout(app: App) -> None:
+    seen: list[float | None] = []
+
+    @app.step(timeout=5.0)
+    def bounded() -> None:
+        seen.append(crashsafe.current().time_left())
+
+    @app.step()
+    def unbounded() -> None:
+        seen.append(crashsafe.current().time_left())
+
+    @app.workflow()
+    def flow() -> None:
+        bounded()
+        unbounded()
+
+    app.start(flow, workflow_id="time-left").result(timeout=10)
+    assert seen[0] is not None and 4.0 < seen[0] <= 5.0
+    assert seen[1] is None

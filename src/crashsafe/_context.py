@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Sequence
 from contextvars import ContextVar
 from typing import TYPE_CHECKING
@@ -41,17 +42,27 @@ class Current:
     they are ``None``.
     """
 
-    __slots__ = ("_key", "attempt", "step_index", "step_name", "workflow_id", "workflow_name")
+    __slots__ = ("_deadline", "_key", "attempt", "step_index", "step_name", "workflow_id",
+                 "workflow_name")
 
     def __init__(self, workflow_id: str, workflow_name: str, step_index: int | None = None,
                  step_name: str | None = None, attempt: int | None = None,
-                 key: str | None = None) -> None:
+                 key: str | None = None, deadline: float | None = None) -> None:
         self.workflow_id = workflow_id
         self.workflow_name = workflow_name
         self.step_index = step_index
         self.step_name = step_name
         self.attempt = attempt
         self._key = key
+        self._deadline = deadline
+
+    def time_left(self) -> float | None:
+        """Seconds left before this attempt's ``timeout`` (None without one). Pass it to
+        the call a sync step makes (``client.with_options(timeout=...)``), so the call
+        ends by itself: a sync step's thread cannot be stopped from outside."""
+        if self._deadline is None:
+            return None
+        return max(0.0, self._deadline - time.monotonic())
 
     @property
     def idempotency_key(self) -> str | None:

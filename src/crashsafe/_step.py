@@ -165,8 +165,9 @@ class Step(Generic[P, R]):
     # -- first run ----------------------------------------------------------------------
     def _info(self, ctx: WorkflowContext, idx: int, attempt: int,
               plan: _effects.Plan | None) -> Current:
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
         return Current(ctx.workflow_id, ctx.workflow_name, idx, self.name, attempt,
-                       plan.key if plan is not None else None)
+                       plan.key if plan is not None else None, deadline)
 
     def _expiry(self, ctx: WorkflowContext) -> float | None:
         keep = ctx.app.effect_retention
