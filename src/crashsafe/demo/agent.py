@@ -19,6 +19,7 @@ delay ten times shorter, for ``crashsafe chaos``, which runs the agent many time
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -30,6 +31,7 @@ import time
 from typing import Any
 
 import crashsafe
+from crashsafe.policies.classify import DEFAULT_RULES
 
 LABELS = ("refund", "order_status", "technical", "billing")
 TEMPLATES = (
@@ -108,6 +110,9 @@ def expected_result(ticket: dict[str, Any]) -> dict[str, Any]:
     return {"ticket": ticket["id"], "label": label, "refunded": refunded}
 
 
+MAX_LLM_ATTEMPTS = 8
+
+
 class LLMError(Exception):
     """Base of the simulated provider errors."""
 
@@ -125,6 +130,13 @@ class ServerError(LLMError):
 @crashsafe.register_exception
 class LLMTimeout(LLMError):
     pass
+
+
+# How crashsafe's retry policies see the simulated provider errors (real openai /
+# anthropic / httpx errors are classified without this).
+crashsafe.register_classifier(RateLimited, crashsafe.FailureClass.RATE_LIMITED)
+crashsafe.register_classifier(ServerError, crashsafe.FailureClass.SERVER_ERROR)
+crashsafe.register_classifier(LLMTimeout, crashsafe.FailureClass.TIMEOUT)
 
 
 class Ledger:
@@ -218,8 +230,14 @@ def build(url: str, ledger_path: str, fault_rate: float, seed: int,
     rng = random.Random(seed ^ os.getpid())
     rng_lock = threading.Lock()
     first_step = threading.Event()
-    llm_retry = crashsafe.RetryPolicy(max_attempts=8, initial_delay=0.05 * latency_scale,
-                                      max_delay=0.4 * latency_scale, retry_on=(LLMError,))
+    # The simulated 429s carry no Retry-After: wait a short, scaled minimum instead of
+    # the class's default second.
+    rate_rule = dataclasses.replace(DEFAULT_RULES[crashsafe.FailureClass.RATE_LIMITED],
+                                    min_delay=0.1 * latency_scale)
+    llm_retry = crashsafe.RetryPolicy(max_attempts=MAX_LLM_ATTEMPTS,
+                                      initial_delay=0.05 * latency_scale,
+                                      max_delay=0.4 * latency_scale, retry_on=(LLMError,),
+                                      rules={crashsafe.FailureClass.RATE_LIMITED: rate_rule})
 
     def body_started() -> None:
         cur = crashsafe.current()

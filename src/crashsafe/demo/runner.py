@@ -31,8 +31,15 @@ from .._app import App
 from ..exceptions import CrashsafeError
 from ..stores import ListFilter, Status, Store, open_store
 from ..stores.sqlite import parse_sqlite_url
+from .agent import (
+    MAX_LLM_ATTEMPTS,
+    make_ticket,
+    order_facts,
+    person_approves,
+    refund_rule,
+    true_label,
+)
 from .agent import expected_result as expected_result
-from .agent import make_ticket, order_facts, person_approves, refund_rule, true_label
 
 RUN_LIMIT = 110.0  # seconds; the demo promises to finish in under two minutes
 AGENT = "crashsafe.demo.agent"
@@ -326,8 +333,11 @@ def verify(url: str, db_path: str, ledger_path: str, prefix: str, tickets: range
     after_commit = sum(1 for wid, idx, _a, _p, at in executions
                        if (wid, idx) in committed_at and at > committed_at[(wid, idx)])
     expected_refunds = sum(1 for i in tickets if expected_result(make_ticket(i))["refunded"] > 0)
+    most_attempts = max((a for _w, _i, a, _p, _t in executions if a is not None), default=0)
+    retried = _retried_by_class(db_path, prefix)
     ok = (len(succeeded) == len(tickets) and lost == 0 and dup_refunds == 0
-          and not inconsistent and after_commit == 0 and refunds == expected_refunds)
+          and not inconsistent and after_commit == 0 and refunds == expected_refunds
+          and most_attempts <= MAX_LLM_ATTEMPTS)
     return {
         "ok": ok, "tickets": len(tickets), "completed": len(succeeded),
         "lost_committed_steps": lost, "duplicate_refunds": dup_refunds,
@@ -337,7 +347,21 @@ def verify(url: str, db_path: str, ledger_path: str, prefix: str, tickets: range
             [k for k in final if k in runs]),
         "rerun_after_kill": rerun_after_kill, "reexecuted_committed_steps": after_commit,
         "inconsistent_results": inconsistent,
+        "most_attempts": most_attempts, "retried_by_class": retried,
     }
+
+
+def _retried_by_class(db_path: str, prefix: str) -> dict[str, int]:
+    """Failed attempts that were retried, by failure class, from the attempts table."""
+    conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=30)
+    try:
+        rows = conn.execute(
+            "SELECT failure_class, COUNT(*) FROM attempts WHERE substr(workflow_id, 1, ?) = ? "
+            "AND next_at IS NOT NULL GROUP BY failure_class ORDER BY failure_class",
+            (len(prefix), prefix)).fetchall()
+    finally:
+        conn.close()
+    return {str(cls): int(n) for cls, n in rows}
 
 
 def _commit_times(db_path: str, prefix: str) -> dict[tuple[str, int], float]:
@@ -384,6 +408,13 @@ def _print_report(console: Console, r: dict[str, Any]) -> None:
                   mark(r["duplicate_refunds"] == 0))
     table.add_row("payment calls answered from the idempotency key",
                   str(r["deduplicated_payment_calls"]), "")
+    retried = r.get("retried_by_class", {})
+    table.add_row("LLM failures retried (journaled attempts, by class)",
+                  f"{sum(retried.values())} ("
+                  + (", ".join(f"{k} {v}" for k, v in retried.items()) or "none") + ")", "")
+    table.add_row(f"most attempts of one step, kills included (limit {MAX_LLM_ATTEMPTS})",
+                  str(r.get("most_attempts", 0)),
+                  mark(r.get("most_attempts", 0) <= MAX_LLM_ATTEMPTS))
     table.add_row("results equal to an uninterrupted run",
                   f"{r['completed'] - len(r['inconsistent_results'])}/{r['completed']}",
                   mark(not r["inconsistent_results"]))
