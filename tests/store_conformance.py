@@ -694,3 +694,49 @@ def update_shared_error_in_fn_writes_nothing(factory: StoreFactory) -> None:
         else:
             raise AssertionError("update_shared swallowed the error")
         assert store.read_shared("k")[0] == b"before"
+
+
+# -- fencing tokens -------------------------------------------------------------------------
+@check
+def claim_raises_the_fencing_token(factory: StoreFactory) -> None:
+    with opened(factory) as store:
+        store.create_workflow(wf("w1", owner="dead"))
+        assert must_get(store, "w1").token == 0
+        res = claim(store, "w1", "dead", "ex-2", 5)
+        assert res.claimed and res.record is not None and res.record.token == 1
+        assert must_get(store, "w1").token == 1
+        claim(store, "w1", "ex-2", "ex-3", 5)
+        assert must_get(store, "w1").token == 2
+
+
+@check
+def writes_with_a_stale_token_are_refused(factory: StoreFactory) -> None:
+    from crashsafe.stores.base import AttemptRecord, MarkWaiting
+
+    with opened(factory) as store:
+        store.create_workflow(wf("w1", owner="old"))
+        store.apply([[JournalEntry("w1", 0, "step", "s", b"1", None, 1, 1.0, 2.0, token=0)]])
+        claim(store, "w1", "old", "new", 5)  # token 0 -> 1: the old holder is fenced off
+        stale = [
+            [JournalEntry("w1", 1, "step", "s", b"2", None, 1, 1.0, 2.0, token=0)],
+            [AttemptRecord("w1", 1, 2, "s", 1.0, token=0)],
+            [MarkWaiting("w1", "new", "parked", token=0)],
+            [FinishWorkflow("w1", "new", Status.SUCCEEDED, b"1", at=3.0, token=0)],
+            # a stale entry in a batch with a good one: the whole batch is refused
+            [JournalEntry("w1", 1, "step", "s", b"2", None, 1, 1.0, 2.0, token=1),
+             JournalEntry("w1", 2, "step", "s", b"3", None, 1, 1.0, 2.0, token=0)],
+        ]
+        for batch in stale:
+            (result,) = store.apply([batch])
+            assert isinstance(result, WorkflowNotRunning), (batch, result)
+        assert indexes(store, "w1") == [0]
+        assert store.load_attempts("w1") == []
+        assert must_get(store, "w1").status is Status.RUNNING
+        # The new holder's writes go through, also grouped with a refused stale batch.
+        good = [JournalEntry("w1", 1, "step", "s", b"2", None, 1, 1.0, 2.0, token=1)]
+        results = store.apply([good, stale[0]])
+        assert results[0] is None and isinstance(results[1], WorkflowNotRunning)
+        assert indexes(store, "w1") == [0, 1]
+        (done,) = store.apply([[FinishWorkflow("w1", "new", Status.SUCCEEDED, b"1", at=3.0,
+                                               token=1)]])
+        assert done is None and must_get(store, "w1").status is Status.SUCCEEDED

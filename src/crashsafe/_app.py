@@ -575,7 +575,7 @@ class App:
              kwargs: dict[str, Any], journal: list[JournalEntry], *,
              fresh: bool = False) -> None:
         ctx = WorkflowContext(self, rec.id, rec.name, journal, is_async=wf.is_async,
-                              fresh=fresh)
+                              fresh=fresh, token=rec.token)
         if rec.status is Status.CANCELLING:
             ctx.cancel_event.set()  # it stops at its first durable call and compensates
         ex = Execution(ctx)

@@ -10,7 +10,9 @@ from contextvars import ContextVar
 from typing import TYPE_CHECKING
 
 from .exceptions import NondeterminismError, NotInWorkflowError, WorkflowCancelled
-from .stores.base import AttemptRecord, JournalEntry, Op
+from .stores.base import AttemptRecord, FinishWorkflow, JournalEntry, MarkWaiting, Op
+
+_FENCED = (JournalEntry, FinishWorkflow, MarkWaiting, AttemptRecord)
 
 if TYPE_CHECKING:
     from ._app import App
@@ -101,7 +103,7 @@ class WorkflowContext:
         "_async_wake", "app", "attempts", "cancel_event", "check_only", "compensating",
         "compensations", "diverged", "executed", "fresh", "hedges", "is_async", "journal",
         "next_index", "patches", "pending", "recorded", "replayed", "shutdown", "signal_event",
-        "waits", "workflow_id", "workflow_name",
+        "token", "waits", "workflow_id", "workflow_name",
     )
 
     def __init__(
@@ -114,9 +116,12 @@ class WorkflowContext:
         is_async: bool,
         check_only: bool = False,
         fresh: bool = False,
+        token: int | None = None,
     ) -> None:
         self.app = app
         self.fresh = fresh
+        self.token = token
+        """The fencing token of this run's lease, stamped on every write it commits."""
         """Started by this process just now: no attempt of it can have been recorded."""
         self.attempts: dict[int, list[AttemptRecord]] | None = None
         self.hedges = 0
@@ -230,12 +235,22 @@ class WorkflowContext:
             )
             raise self.diverged
 
+    def _fence(self, ops: list[Op]) -> None:
+        token = self.token
+        if token is None:
+            return
+        wid = self.workflow_id
+        for op in ops:
+            if isinstance(op, _FENCED) and op.token is None and op.workflow_id == wid:
+                op.token = token
+
     def commit(self, ops: list[Op]) -> None:
         if self.shutdown:
             raise _Shutdown
         if self.pending:
             ops = self.pending + ops
             self.pending = []
+        self._fence(ops)
         self.app._committer.commit(ops)
         self._note_committed(ops)
 
@@ -250,6 +265,7 @@ class WorkflowContext:
         if self.pending:
             ops = self.pending + ops
             self.pending = []
+        self._fence(ops)
         await self.app._committer.commit_async(ops)
         self._note_committed(ops)
 

@@ -426,6 +426,7 @@ class Step(Generic[P, R]):
         def record(value: Any) -> JournalEntry:
             entry = self._record_result(ctx, idx, value, drv.attempt, drv.started)
             entry.note = drv.note()
+            entry.token = ctx.token
             return entry
 
         value: R = transact(work, record)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, TypeVar, runtime_checkable
 
 from ..exceptions import StoreConflictError
@@ -72,6 +72,9 @@ class WorkflowRecord:
     reason: str | None = None
     recovery_mark: int = 0
     """How many journal entries the workflow had at its last recovery."""
+    token: int = 0
+    """The fencing token of the current lease: raised by one at every takeover. Writes
+    made under an older token are refused by the store (see :class:`JournalEntry`)."""
 
 
 @dataclass(slots=True)
@@ -91,6 +94,9 @@ class JournalEntry:
     note: str | None = None
     """What else happened here, for the timeline (e.g. how an unknown outcome was
     resolved); never read by replay."""
+    token: int | None = field(default=None, compare=False)
+    """As a write: the writer's fencing token. The store inserts the entry only if the
+    workflow's token is still this one (None: no check). Not stored."""
 
 
 @dataclass(slots=True)
@@ -117,6 +123,8 @@ class FinishWorkflow:
     error: bytes | None = None
     reason: str | None = None
     at: float = 0.0
+    token: int | None = None
+    """Refused unless the workflow's fencing token is still this one (None: no check)."""
 
 
 @dataclass(slots=True)
@@ -127,6 +135,8 @@ class MarkWaiting:
     workflow_id: str
     owner: str
     reason: str | None
+    token: int | None = None
+    """Refused unless the workflow's fencing token is still this one (None: no check)."""
 
 
 @dataclass(slots=True)
@@ -207,6 +217,8 @@ class AttemptRecord:
     next_at: float | None = None
     """When the next attempt is due (``ended_at + delay``)."""
     note: str | None = None
+    token: int | None = field(default=None, compare=False)
+    """As a write: refused unless the workflow's fencing token is still this one."""
 
 
 Op = (JournalEntry | FinishWorkflow | CreateWorkflow | MarkWaiting | CompleteEffect
@@ -221,14 +233,20 @@ SharedUpdate = Callable[[bytes | None, float], tuple[bytes | None, T]]
 
 class WorkflowNotRunning(StoreConflictError):
     """A :class:`FinishWorkflow` found the workflow no longer running under that owner
-    (cancelled meanwhile, or taken over); nothing of its batch was applied."""
+    (cancelled meanwhile, or taken over), or a write carried a stale fencing token;
+    nothing of its batch was applied."""
 
-    def __init__(self, workflow_id: str) -> None:
+    def __init__(self, workflow_id: str, stale_token: int | None = None) -> None:
         self.workflow_id = workflow_id
-        super().__init__(
-            f"workflow {workflow_id!r} is no longer running under this process (cancelled "
-            "or taken over); its end was not recorded"
-        )
+        self.stale_token = stale_token
+        if stale_token is not None:
+            msg = (f"workflow {workflow_id!r} was taken over by another worker: this "
+                   f"worker's lease (fencing token {stale_token}) is stale, so its write "
+                   "was refused")
+        else:
+            msg = (f"workflow {workflow_id!r} is no longer running under this process "
+                   "(cancelled or taken over); its end was not recorded")
+        super().__init__(msg)
 
 
 class WorkflowExists(StoreConflictError):
@@ -270,6 +288,7 @@ def decide_claim(rec: WorkflowRecord, new_owner: str, max_recoveries: int,
         )
         return ClaimResult(claimed=False, dead_lettered=True, record=rec)
     rec.owner = new_owner
+    rec.token += 1  # the previous holder's writes are refused from now on
     return ClaimResult(claimed=True, record=rec)
 
 

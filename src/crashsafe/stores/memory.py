@@ -75,9 +75,19 @@ class MemoryStore:
                 allowed = ACTIVE_STATUSES if cancelling else PROCEEDING
                 if rec is None or rec.status not in allowed or rec.owner != op.owner:
                     return WorkflowNotRunning(op.workflow_id)
+                if op.token is not None and rec.token != op.token:
+                    return WorkflowNotRunning(op.workflow_id, op.token)
                 continue
+            if isinstance(op, AttemptRecord) and op.token is not None:
+                rec = self._workflows.get(op.workflow_id)
+                if rec is not None and rec.token != op.token:
+                    return WorkflowNotRunning(op.workflow_id, op.token)
             if not isinstance(op, JournalEntry):
                 continue
+            if op.token is not None:
+                rec = self._workflows.get(op.workflow_id)
+                if rec is not None and rec.token != op.token:
+                    return WorkflowNotRunning(op.workflow_id, op.token)
             key = (op.workflow_id, op.index)
             if key in seen or op.index in self._journal.get(op.workflow_id, {}):
                 return StoreConflictError(
@@ -87,7 +97,9 @@ class MemoryStore:
             seen.add(key)
         for op in ops:
             if isinstance(op, JournalEntry):
-                self._journal.setdefault(op.workflow_id, {})[op.index] = copy.copy(op)
+                stored = copy.copy(op)
+                stored.token = None
+                self._journal.setdefault(op.workflow_id, {})[op.index] = stored
             elif isinstance(op, CreateWorkflow):
                 self._workflows[op.record.id] = copy.copy(op.record)
             elif isinstance(op, CompleteEffect):
@@ -97,8 +109,9 @@ class MemoryStore:
                     row.expires_at = op.expires_at
                 self._intents.discard((op.workflow_id, op.index))
             elif isinstance(op, AttemptRecord):
-                self._attempts.setdefault(op.workflow_id, {})[(op.index, op.attempt)] = \
-                    copy.copy(op)
+                attempt = copy.copy(op)
+                attempt.token = None
+                self._attempts.setdefault(op.workflow_id, {})[(op.index, op.attempt)] = attempt
             elif isinstance(op, MarkWaiting):
                 rec = self._workflows[op.workflow_id]
                 rec.status = Status.RUNNING if op.reason is None else Status.WAITING

@@ -52,7 +52,7 @@ from .base import (
     decide_claim,
 )
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 # Each entry upgrades the schema from version i to i + 1. Never edit a shipped entry:
 # append a new one.
@@ -157,22 +157,33 @@ MIGRATIONS: list[str] = [
         updated_at REAL NOT NULL
     ) WITHOUT ROWID;
     """,
+    """
+    ALTER TABLE workflows ADD COLUMN token INTEGER NOT NULL DEFAULT 0;
+    """,
 ]
 
 _WF_COLS = (
     "id, name, version, status, inputs, output, error, owner, parent_id, created_at, "
-    "updated_at, recovery_attempts, reason, recovery_mark"
+    "updated_at, recovery_attempts, reason, recovery_mark, token"
 )
 _INSERT_ENTRY = (
     "INSERT INTO journal (workflow_id, idx, kind, name, output, error, attempts, started_at, "
     "ended_at, note) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
-_CREATE = f"INSERT INTO workflows ({_WF_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_CREATE = (f"INSERT INTO workflows ({_WF_COLS}) "
+           "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+# A write that carries a fencing token lands only while the workflow's token is still
+# that one: the database itself refuses a stale worker, in the same statement.
+_FENCE = " WHERE EXISTS (SELECT 1 FROM workflows WHERE id = ? AND token = ?)"
+_INSERT_ENTRY_FENCED = (
+    "INSERT INTO journal (workflow_id, idx, kind, name, output, error, attempts, started_at, "
+    "ended_at, note) SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?" + _FENCE
+)
 # A workflow asked to cancel can only end cancelled (after its compensations).
 _FINISH = (
     "UPDATE workflows SET status = ?, output = ?, error = ?, reason = ?, updated_at = ? "
     "WHERE id = ? AND owner = ? AND (status IN ('running', 'waiting') "
-    "OR (status = 'cancelling' AND ?1 = 'cancelled'))"
+    "OR (status = 'cancelling' AND ?1 = 'cancelled')) AND (?8 IS NULL OR token = ?8)"
 )
 _COMPLETE_EFFECT = (
     "UPDATE effects SET state = 'done', output = ?, error = ?, expires_at = ? "
@@ -186,9 +197,14 @@ _ATTEMPT_COLS = ("workflow_id, idx, attempt, step, started_at, ended_at, failure
 _UPSERT_ATTEMPT = (
     f"INSERT OR REPLACE INTO attempts ({_ATTEMPT_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
+_UPSERT_ATTEMPT_FENCED = (
+    f"INSERT OR REPLACE INTO attempts ({_ATTEMPT_COLS}) "
+    "SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?" + _FENCE
+)
 _MARK_WAITING = (
     "UPDATE workflows SET status = ?, reason = ? "
-    "WHERE id = ? AND status IN ('running', 'waiting') AND owner = ?"
+    "WHERE id = ? AND status IN ('running', 'waiting') AND owner = ? "
+    "AND (?5 IS NULL OR token = ?5)"
 )
 
 
@@ -234,11 +250,20 @@ def _translate(exc: sqlite3.Error, doing: str) -> StoreError:
     return StoreError(f"{doing}: {msg}")
 
 
+def _stale(rows: list[tuple[Any, ...]]) -> WorkflowNotRunning:
+    """The fenced write that matched no row: its workflow's token moved on."""
+    ids = {r[-2] for r in rows}
+    if len(ids) == 1:
+        return WorkflowNotRunning(rows[0][-2], rows[0][-1])
+    return WorkflowNotRunning("?")
+
+
 def _row_to_workflow(row: tuple[Any, ...]) -> WorkflowRecord:
     return WorkflowRecord(
         id=row[0], name=row[1], version=row[2], status=Status(row[3]), inputs=row[4],
         output=row[5], error=row[6], owner=row[7], parent_id=row[8], created_at=row[9],
         updated_at=row[10], recovery_attempts=row[11], reason=row[12], recovery_mark=row[13],
+        token=row[14],
     )
 
 
@@ -388,6 +413,8 @@ class SQLiteStore:
         conn = self._w
         creates: list[tuple[Any, ...]] = []
         entries: list[tuple[Any, ...]] = []
+        fenced: list[tuple[Any, ...]] = []
+        fenced_attempts: list[tuple[Any, ...]] = []
         finishes: list[tuple[Any, ...]] = []
         marks: list[tuple[Any, ...]] = []
         effects: list[CompleteEffect] = []
@@ -395,31 +422,39 @@ class SQLiteStore:
         for ops in batches:
             for op in ops:
                 if type(op) is JournalEntry:
-                    entries.append((op.workflow_id, op.index, op.kind, op.name, op.output,
-                                    op.error, op.attempts, op.started_at, op.ended_at, op.note))
+                    row = (op.workflow_id, op.index, op.kind, op.name, op.output, op.error,
+                           op.attempts, op.started_at, op.ended_at, op.note)
+                    if op.token is None:
+                        entries.append(row)
+                    else:
+                        fenced.append((*row, op.workflow_id, op.token))
                 elif isinstance(op, FinishWorkflow):
                     finishes.append((op.status.value, op.output, op.error, op.reason, op.at,
-                                     op.workflow_id, op.owner))
+                                     op.workflow_id, op.owner, op.token))
                 elif isinstance(op, CompleteEffect):
                     effects.append(op)
                 elif isinstance(op, AttemptRecord):
-                    attempts.append((op.workflow_id, op.index, op.attempt, op.step,
-                                     op.started_at, op.ended_at, op.failure_class, op.error,
-                                     op.delay, op.delay_source, op.next_at, op.note))
+                    arow = (op.workflow_id, op.index, op.attempt, op.step, op.started_at,
+                            op.ended_at, op.failure_class, op.error, op.delay, op.delay_source,
+                            op.next_at, op.note)
+                    if op.token is None:
+                        attempts.append(arow)
+                    else:
+                        fenced_attempts.append((*arow, op.workflow_id, op.token))
                 elif isinstance(op, MarkWaiting):
                     marks.append(("running" if op.reason is None else "waiting", op.reason,
-                                  op.workflow_id, op.owner))
+                                  op.workflow_id, op.owner, op.token))
                 elif isinstance(op, CreateWorkflow):
                     r = op.record
                     creates.append((r.id, r.name, r.version, r.status.value, r.inputs, r.output,
                                     r.error, r.owner, r.parent_id, r.created_at, r.updated_at,
-                                    r.recovery_attempts, r.reason, r.recovery_mark))
+                                    r.recovery_attempts, r.reason, r.recovery_mark, r.token))
         if _faults.ENABLED:
             _faults.point("store: begin journal commit")
-        if (len(creates) + len(entries) + len(finishes) + len(marks) == 1 and not effects
-                and not attempts):
+        if (len(creates) + len(entries) + len(fenced) + len(finishes) + len(marks) == 1
+                and not effects and not attempts and not fenced_attempts):
             # One statement in autocommit mode is its own transaction: one fsync, one call.
-            self._apply_single(conn, creates, entries, finishes, marks)
+            self._apply_single(conn, creates, entries, fenced, finishes, marks)
             if _faults.ENABLED:
                 _faults.point("store: after journal commit")
             return
@@ -429,8 +464,13 @@ class SQLiteStore:
                 conn.executemany(_CREATE, creates)
             if entries:
                 conn.executemany(_INSERT_ENTRY, entries)
+            if fenced and conn.executemany(_INSERT_ENTRY_FENCED, fenced).rowcount != len(fenced):
+                raise _stale(fenced)
             if attempts:
                 conn.executemany(_UPSERT_ATTEMPT, attempts)
+            if fenced_attempts and conn.executemany(
+                    _UPSERT_ATTEMPT_FENCED, fenced_attempts).rowcount != len(fenced_attempts):
+                raise _stale(fenced_attempts)
             if effects:
                 conn.executemany(_COMPLETE_EFFECT, [
                     (e.output, e.error, e.expires_at, e.key, e.workflow_id, e.index)
@@ -454,10 +494,13 @@ class SQLiteStore:
 
     @staticmethod
     def _apply_single(conn: sqlite3.Connection, creates: list[tuple[Any, ...]],
-                      entries: list[tuple[Any, ...]], finishes: list[tuple[Any, ...]],
-                      marks: list[tuple[Any, ...]]) -> None:
+                      entries: list[tuple[Any, ...]], fenced: list[tuple[Any, ...]],
+                      finishes: list[tuple[Any, ...]], marks: list[tuple[Any, ...]]) -> None:
         if entries:
             conn.execute(_INSERT_ENTRY, entries[0])
+        elif fenced:
+            if conn.execute(_INSERT_ENTRY_FENCED, fenced[0]).rowcount != 1:
+                raise _stale(fenced)
         elif finishes:
             if conn.execute(_FINISH, finishes[0]).rowcount != 1:
                 raise WorkflowNotRunning(finishes[0][5])
@@ -475,7 +518,7 @@ class SQLiteStore:
                 (record.id, record.name, record.version, record.status.value, record.inputs,
                  record.output, record.error, record.owner, record.parent_id, record.created_at,
                  record.updated_at, record.recovery_attempts, record.reason,
-                 record.recovery_mark),
+                 record.recovery_mark, record.token),
             )
             if cur.rowcount == 1:
                 return record, True
@@ -507,9 +550,9 @@ class SQLiteStore:
         res = decide_claim(rec, new_owner, max_recoveries, length, time.time())
         conn.execute(
             "UPDATE workflows SET status = ?, owner = ?, reason = ?, recovery_attempts = ?, "
-            "recovery_mark = ?, updated_at = ? WHERE id = ?",
+            "recovery_mark = ?, updated_at = ?, token = ? WHERE id = ?",
             (rec.status.value, rec.owner, rec.reason, rec.recovery_attempts, rec.recovery_mark,
-             rec.updated_at, workflow_id),
+             rec.updated_at, rec.token, workflow_id),
         )
         return res
 
@@ -647,9 +690,13 @@ class SQLiteStore:
                 conn.execute("BEGIN IMMEDIATE")
                 value = work(conn)
                 e = record(value)
-                conn.execute(_INSERT_ENTRY, (e.workflow_id, e.index, e.kind, e.name, e.output,
-                                             e.error, e.attempts, e.started_at, e.ended_at,
-                                             e.note))
+                row = (e.workflow_id, e.index, e.kind, e.name, e.output, e.error, e.attempts,
+                       e.started_at, e.ended_at, e.note)
+                if e.token is None:
+                    conn.execute(_INSERT_ENTRY, row)
+                elif conn.execute(_INSERT_ENTRY_FENCED,
+                                  (*row, e.workflow_id, e.token)).rowcount != 1:
+                    raise WorkflowNotRunning(e.workflow_id, e.token)
                 if _faults.ENABLED:
                     _faults.point("store: before COMMIT of a transactional step")
                 conn.execute("COMMIT")
