@@ -139,12 +139,26 @@ class App:
         self._committer_obj: GroupCommitter | None = None
         self._threads = WorkerThreads()
         self._resilience_obj: Resilience | None = None
+        # The store's clock minus ours, re-measured at every heartbeat (see clock()).
+        self._clock_offset = 0.0
         # Sync workflows parked for a distant retry: id -> when to resume them.
         self._suspended: dict[str, float] = {}
         self._breakers: dict[str, CircuitBreaker] = {}
         self._limits: dict[str, Limit] = {}
 
     # -- store --------------------------------------------------------------------------
+    def clock(self) -> float:
+        """Now, on the store's clock (Unix seconds). Durable timers (sleeps, waits, retry
+        delays) and leases use it, so a process whose wall clock is off by an hour
+        neither takes over live workers' workflows nor wakes its timers late."""
+        return time.time() + self._clock_offset
+
+    def _sync_clock(self) -> None:
+        before = time.time()
+        theirs = self.store.clock()
+        after = time.time()
+        self._clock_offset = theirs - (before + after) / 2
+
     @property
     def _resilience(self) -> Resilience:
         if self._resilience_obj is None:
@@ -369,7 +383,8 @@ class App:
             if self._launched:
                 return False
             self._launched = True
-        now = time.time()
+        self._sync_clock()
+        now = self.clock()
         pid = os.getpid()
         self.store.register_executor(ExecutorRecord(
             self.executor_id, HOSTNAME, pid, process_start_marker(pid), now, now,
@@ -426,7 +441,8 @@ class App:
                 self._poll_cancellations()
                 self._wake_suspended()
                 if now >= next_beat:
-                    self.store.heartbeat(self.executor_id, time.time())
+                    self._sync_clock()
+                    self.store.heartbeat(self.executor_id, self.clock())
                     next_beat = now + self.heartbeat_interval
                 if self._resilience_obj is not None:
                     self._resilience_obj.flush()
@@ -444,7 +460,7 @@ class App:
             if not self._suspended:
                 return
             parked = dict(self._suspended)
-        now = time.time()
+        now = self.clock()
         due = {wid for wid, at in parked.items() if at <= now}
         due.update(self.store.cancelled_among(list(parked)))
         for wid in due:
@@ -632,7 +648,7 @@ class App:
         others = [r for r in rows if r[1] != self.executor_id]
         owners = sorted({owner for _, owner, _ in others if owner is not None})
         executors = self.store.get_executors(owners)
-        now = time.time()
+        now = self.clock()
         dead = {o for o in owners if not executor_alive(executors.get(o), self.lease, now)}
         claims = [
             (wid, owner) for wid, owner, name in others

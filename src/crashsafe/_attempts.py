@@ -15,7 +15,6 @@ the ops it returns and do the waiting, so both share every decision.
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING, Any
 
 from ._context import WorkflowContext
@@ -46,7 +45,7 @@ class Driver:
         self.idx = idx
         self.policy = step.retry
         self.attempt = 0
-        self.started = time.time()
+        self.started = ctx.app.clock()
         self.attempt_started = self.started
         self.next_at: float | None = None
         self.prev_delay: float | None = None
@@ -69,10 +68,10 @@ class Driver:
         self.attempt = last.attempt
         self.prev_delay = last.delay
         if last.ended_at is not None:
-            self.next_at = last.next_at if last.next_at is not None else time.time()
+            self.next_at = last.next_at if last.next_at is not None else self.ctx.app.clock()
             return
         # The process died during this attempt: it counts as used.
-        now = time.time()
+        now = self.ctx.app.clock()
         decision = self.policy.decide_crash(last.attempt, now - self.started, last.delay)
         exc = StepCrashedError(
             f"attempt {last.attempt} of step {self.step.name!r} was cut off by a crash and "
@@ -97,12 +96,12 @@ class Driver:
         self.attempt += 1
         if self.next_at is None:
             return 0.0
-        return max(0.0, self.next_at - time.time())
+        return max(0.0, self.next_at - self.ctx.app.clock())
 
     def start_ops(self) -> list[Op]:
         """What to commit right before the body runs (the recorded start of a retry)."""
         ops, self.pending = self.pending, []
-        self.attempt_started = time.time()
+        self.attempt_started = self.ctx.app.clock()
         if self.attempt >= 2:
             ops.append(AttemptRecord(self.ctx.workflow_id, self.idx, self.attempt,
                                      self.step.name, self.attempt_started))
@@ -115,7 +114,7 @@ class Driver:
     def failed(self, exc: Exception) -> tuple[Decision, list[Op], Exception]:
         """Decide after a failed attempt: the decision, the ops to commit before waiting
         (when retrying), and the error to record if the step gives up."""
-        now = time.time()
+        now = self.ctx.app.clock()
         failure = _classify(exc)
         if isinstance(exc, CircuitOpenError):
             decision = Decision(False, reason="its circuit breaker is open")
@@ -150,7 +149,7 @@ class Driver:
             return []
         cls = _classify(exc).cls.value if exc is not None else None
         return [AttemptRecord(self.ctx.workflow_id, self.idx, self.attempt, self.step.name,
-                              self.attempt_started, time.time(), cls,
+                              self.attempt_started, self.ctx.app.clock(), cls,
                               error_payload(exc) if exc is not None else None)]
 
     def note(self, extra: str | None = None) -> str | None:

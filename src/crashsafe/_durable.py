@@ -81,7 +81,7 @@ def _plan_sleep(ctx: WorkflowContext, secs: float) -> tuple[float, JournalEntry 
     idx, entry = ctx.begin("sleep", "sleep")
     if entry is not None:
         return float(_codec.decode(entry.output or b"0", "durable sleep")), None
-    at = time.time()
+    at = ctx.app.clock()
     wake = at + secs
     data, _ = _codec.encode(wake, "durable sleep")
     return wake, JournalEntry(ctx.workflow_id, idx, "sleep", "sleep", data, None, 1, at, at)
@@ -107,7 +107,7 @@ def sleep(duration: float | timedelta) -> None:
         ctx.commit([record])
     if ctx.check_only:
         return
-    while (remaining := wake - time.time()) > 0:
+    while (remaining := wake - ctx.app.clock()) > 0:
         if ctx.cancel_event.wait(min(remaining, 1.0)):
             break
         if ctx.shutdown:
@@ -127,7 +127,7 @@ async def sleep_async(duration: float | timedelta) -> None:
         await ctx.commit_async([record])
     if ctx.check_only:
         return
-    while (remaining := wake - time.time()) > 0:
+    while (remaining := wake - ctx.app.clock()) > 0:
         await asyncio.sleep(min(remaining, 0.5))
         ctx.check_interrupt()
     ctx.check_interrupt()
@@ -158,7 +158,7 @@ def _begin_wait(ctx: WorkflowContext, name: str, secs: float | None
     if entry is not None:
         deadline = _codec.decode(entry.output or b"null", "durable wait")
         return nth, (float(deadline) if deadline is not None else None), []
-    at = time.time()
+    at = ctx.app.clock()
     deadline = None if secs is None else at + secs
     data, _ = _codec.encode(deadline, "durable wait")
     return nth, deadline, [
@@ -171,7 +171,7 @@ def _settle_wait(ctx: WorkflowContext, idx: int, name: str, nth: int,
                  deadline: float | None) -> tuple[list[Op], Any] | None:
     """The ops that record how the wait ended and its outcome, or None to keep waiting."""
     payload = ctx.app.store.get_signal(ctx.workflow_id, name, nth)
-    at = time.time()
+    at = ctx.app.clock()
     resume = MarkWaiting(ctx.workflow_id, ctx.app.executor_id, None)
     if payload is not None:
         entry = JournalEntry(ctx.workflow_id, idx, "signal", name, payload, None, 1, at, at)
@@ -224,7 +224,7 @@ def wait_for(name: str, timeout: float | timedelta | None = None) -> Any:
             ops, value = settled
             ctx.commit(ops)
             return _outcome(value)
-        left = None if deadline is None else max(0.0, deadline - time.time())
+        left = None if deadline is None else max(0.0, deadline - ctx.app.clock())
         ctx.signal_event.wait(poll if left is None else min(poll, left))
         poll = min(poll * 2, 1.0)
 
@@ -247,7 +247,7 @@ async def wait_for_async(name: str, timeout: float | timedelta | None = None) ->
             ops, value = settled
             await ctx.commit_async(ops)
             return _outcome(value)
-        left = None if deadline is None else max(0.0, deadline - time.time())
+        left = None if deadline is None else max(0.0, deadline - ctx.app.clock())
         await ctx.sleep_until_woken(poll if left is None else min(poll, left))
         poll = min(poll * 2, 1.0)
 

@@ -271,6 +271,9 @@ class MemoryStore:
             queue = self._signals.get((workflow_id, name), [])
             return queue[nth] if 0 <= nth < len(queue) else None
 
+    def clock(self) -> float:
+        return time.time()
+
     def load_attempts(self, workflow_id: str) -> list[AttemptRecord]:
         with self._lock:
             rows = self._attempts.get(workflow_id, {})

@@ -742,6 +742,12 @@ class SQLiteStore:
                                (now,))
             return int(cur.rowcount)
 
+    def clock(self) -> float:
+        # SQLite reads the operating system's clock itself, below anything a process
+        # may have done to its own notion of time.
+        rows = self._read("SELECT (julianday('now') - 2440587.5) * 86400.0")
+        return float(rows[0][0])
+
     def load_attempts(self, workflow_id: str) -> list[AttemptRecord]:
         rows = self._read(f"SELECT {_ATTEMPT_COLS} FROM attempts WHERE workflow_id = ? "
                           "ORDER BY idx, attempt", (workflow_id,))
