@@ -1,4 +1,5 @@
-"""Shared fixtures: every engine test runs against the memory store and a real SQLite file.
+"""Shared fixtures: every engine test runs against the memory store, a real SQLite file
+and a real PostgreSQL server (a fresh schema per test).
 
 ``make_store()`` returns a *new connection* to this test's database each time it is
 called (for memory, the one shared ``MemoryStore``), so a test can give a crashed

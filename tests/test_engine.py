@@ -1258,7 +1258,8 @@ def test_unknown_workflow_id(app: App) -> None:
         ("sqlite:///x.db?synchronous=off", ConfigurationError, ["synchronous", "full"]),
         ("sqlite:///x.db?journal=delete", ConfigurationError, ["unknown", "journal"]),
         ("sqlite:///x.db?busy_timeout=soon", ConfigurationError, ["busy_timeout"]),
-        ("postgresql://u@127.0.0.1/db", ConfigurationError, ["PostgreSQL", "sqlite"]),
+        ("postgresql://u@127.0.0.1/db?pool=9", ConfigurationError,
+         ["unknown", "pool", "pool_max"]),
         ("no-scheme-at-all", ConfigurationError, ["unsupported"]),
     ],
 )

@@ -334,8 +334,13 @@ def _run_worker(db: Path, ledger: Path, mode: str, timeout: float = 60) -> subpr
 
 
 def _executions(ledger: Path) -> list[int]:
-    with sqlite3.connect(ledger) as conn:
+    conn = sqlite3.connect(ledger)
+    try:
         return [r[0] for r in conn.execute("SELECT attempt FROM executions ORDER BY rowid")]
+    except sqlite3.OperationalError:  # the worker has not created its table yet
+        return []
+    finally:
+        conn.close()
 
 
 @pytest.mark.slow

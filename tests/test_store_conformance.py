@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 from crashsafe.stores import MemoryStore, Store
+from crashsafe.stores.postgres import PostgresStore
 from crashsafe.stores.sqlite import SQLiteStore
+from helpers import drop_postgres_schema, new_postgres_schema, postgres_url
 from store_conformance import CHECKS, Check
 
 
@@ -25,6 +27,21 @@ def test_sqlite_store(check: Check, tmp_path: Path) -> None:
         return SQLiteStore(f"sqlite:///{tmp_path}/conformance-{next(counter)}.db")
 
     check(factory)
+
+
+@pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.__name__)
+def test_postgres_store(check: Check) -> None:
+    schemas: list[str] = []
+
+    def factory() -> Store:
+        schemas.append(new_postgres_schema())
+        return PostgresStore(postgres_url(schemas[-1]))
+
+    try:
+        check(factory)
+    finally:
+        for schema in schemas:
+            drop_postgres_schema(schema)
 
 
 def test_every_check_is_collected() -> None:

@@ -20,6 +20,8 @@ from ._effects import NOT_APPLIED
 from ._errors import register_exception
 from ._escalation import Escalation
 from ._handle import WorkflowHandle
+from ._locks import Lock, LockLostError, LockTimeoutError
+from ._queues import Queue
 from ._step import Step
 from ._transact import TransactionConnection
 from ._workflow import Workflow
@@ -77,8 +79,12 @@ __all__ = [
     "Hedge",
     "IdempotencyKeyConflictError",
     "InvalidStateError",
+    "Lock",
+    "LockLostError",
+    "LockTimeoutError",
     "NondeterminismError",
     "NotInWorkflowError",
+    "Queue",
     "RateLimit",
     "ResultTimeoutError",
     "RetryBudget",

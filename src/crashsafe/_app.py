@@ -17,6 +17,9 @@ from ._commit import GroupCommitter
 from ._context import _STEP, _WORKFLOW, WorkflowContext, _Suspend
 from ._escalation import Escalation
 from ._handle import WorkflowHandle
+from ._locks import Lock, make_lock
+from ._queues import Queue
+from ._queues import take as take_from_queue
 from ._recovery import HOSTNAME, executor_alive, process_start_marker
 from ._step import RetryPolicy, Step, seconds
 from ._threads import WorkerThreads
@@ -41,6 +44,7 @@ from .stores.base import (
     ExecutorRecord,
     JournalEntry,
     MarkWaiting,
+    Requeue,
     WorkflowExists,
 )
 
@@ -139,6 +143,10 @@ class App:
         self._committer_obj: GroupCommitter | None = None
         self._threads = WorkerThreads()
         self._resilience_obj: Resilience | None = None
+        self._queues: dict[str, Queue] = {}
+        self._served: dict[str, Queue] = {}  # queues this process takes work from
+        self._worker_cap: int | None = None
+        self._queue_wakeup = threading.Event()
         # The store's clock minus ours, re-measured at every heartbeat (see clock()).
         self._clock_offset = 0.0
         # Sync workflows parked for a distant retry: id -> when to resume them.
@@ -343,6 +351,74 @@ class App:
 
         return self.store.update_shared(key, close)
 
+    def lock(self, name: str, *, ttl: float | timedelta = 30.0,
+             timeout: float | timedelta | None = None) -> Lock:
+        """A distributed lock with fencing tokens (see :mod:`crashsafe._locks`):
+        ``with app.lock("repo", ttl=30) as token: ...``."""
+        return make_lock(self, name, ttl, timeout)
+
+    # -- queues -----------------------------------------------------------------------------
+    def queue(self, name: str, *, concurrency: int | None = None,
+              worker_concurrency: int | None = None,
+              rate_limit: RateLimit | tuple[float, float] | None = None) -> Queue:
+        """Declare a durable queue (see :mod:`crashsafe._queues`): at most
+        ``concurrency`` of its workflows run at once across all workers, at most
+        ``worker_concurrency`` in one process, and they start no faster than
+        ``rate_limit`` (``(calls, per_seconds)`` or a :class:`RateLimit`)."""
+        q = Queue(self, name, concurrency=concurrency, worker_concurrency=worker_concurrency,
+                  rate_limit=rate_limit)
+        self._queues[name] = q
+        return q
+
+    def serve(self, queues: Sequence[str] | None = None, *,
+              concurrency: int | None = None) -> None:
+        """Take work from these queues (all declared ones by default) while serving;
+        ``concurrency`` caps the queued workflows this process runs at once in all."""
+        if concurrency is not None and (not isinstance(concurrency, int) or concurrency < 1):
+            raise ConfigurationError("serve(concurrency=...) must be an int >= 1 or None")
+        self._worker_cap = concurrency
+        names = list(self._queues) if queues is None else list(queues)
+        unknown = [n for n in names if n not in self._queues]
+        if unknown:
+            raise ConfigurationError(
+                f"no queue named {', '.join(map(repr, unknown))}; declared: "
+                f"{sorted(self._queues) or 'none'} (declare with app.queue(name, ...))")
+        self._served.update({n: self._queues[n] for n in names})
+        self.launch()
+        self._queue_wakeup.set()
+
+    def _poll_queues(self) -> None:
+        with self._lock:
+            running: dict[str | None, int] = {}
+            for ex in self._executions.values():
+                running[ex.ctx.queue] = running.get(ex.ctx.queue, 0) + 1
+        busy = sum(n for name, n in running.items() if name is not None)
+        spare = (self._worker_cap - busy) if self._worker_cap is not None else 1 << 30
+        for name, q in list(self._served.items()):
+            most = q.options.worker_concurrency or q.options.concurrency or 100
+            room = min(most - running.get(name, 0), spare)
+            for rec in take_from_queue(self, q, room):
+                spare -= 1
+                if rec.name in self._workflows:
+                    self._resume(rec)
+                else:  # registered elsewhere only: hand it back for a worker that has it
+                    self._committer.commit([Requeue(rec.id, self.executor_id, rec.token, None,
+                                                    f"{rec.name!r} is not registered in "
+                                                    f"worker {self.executor_id}")])
+
+    def _hand_back(self, workflow_ids: Sequence[str]) -> None:
+        """Give queued workflows this process stopped running back to their queue."""
+        for wid in workflow_ids:
+            rec = self.store.get_workflow(wid)
+            if rec is None or rec.queue is None or rec.owner != self.executor_id \
+                    or rec.status not in (Status.RUNNING, Status.WAITING):
+                continue
+            try:
+                self._committer.commit([Requeue(wid, self.executor_id, rec.token, None,
+                                                "handed back by a worker shutting down")])
+            except CrashsafeError as exc:
+                log.warning("could not hand %s back to its queue: %s", wid, exc)
+
     def _lookup(self, name: str, version: str | None = None) -> Workflow[Any, Any] | None:
         versions = self._workflows.get(name)
         if not versions:
@@ -403,8 +479,14 @@ class App:
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop serving. In-flight workflows stop at their next durable call and are
-        left for recovery (by this process's successor or any other process)."""
+        left for recovery (by this process's successor or any other process); queued
+        ones are handed back to their queue at once."""
+        self._served.clear()
+        with self._lock:
+            queued = [wid for wid, ex in self._executions.items() if ex.ctx.queue is not None]
         clean = self._abandon(timeout)
+        if queued and self._launched:
+            self._hand_back(queued)
         if self._background is not None:
             self._background.join(timeout=2.0)
         if self._launched and clean:
@@ -425,6 +507,7 @@ class App:
         """Stop serving and make every in-flight workflow stop at its next durable call
         without recording more; True if all of them stopped within ``timeout``."""
         self._closing.set()
+        self._queue_wakeup.set()
         with self._lock:
             executions = list(self._executions.values())
         for ex in executions:
@@ -435,11 +518,18 @@ class App:
 
     def _serve(self) -> None:
         next_beat = next_sweep = time.monotonic()
-        while not self._closing.wait(0.25):
+        while True:
+            # Woken early when work is enqueued or a queued workflow ends.
+            self._queue_wakeup.wait(0.25)
+            self._queue_wakeup.clear()
+            if self._closing.is_set():
+                break
             now = time.monotonic()
             try:
                 self._poll_cancellations()
                 self._wake_suspended()
+                if self._served:
+                    self._poll_queues()
                 if now >= next_beat:
                     self._sync_clock()
                     self.store.heartbeat(self.executor_id, self.clock())
@@ -566,13 +656,20 @@ class App:
 
     def _start_child(self, parent: WorkflowContext, wf: Workflow[Any, Any], inputs: bytes,
                      args: tuple[Any, ...], kwargs: dict[str, Any],
-                     workflow_id: str | None) -> WorkflowHandle[Any]:
+                     workflow_id: str | None,
+                     queued: tuple[Queue, int, float, str | None] | None = None,
+                     ) -> WorkflowHandle[Any]:
         idx, entry = parent.begin("child", wf.name)
         if entry is not None:
             child_id = str(_codec.decode(entry.output or b'""', "child workflow id"))
             return WorkflowHandle(self, child_id)
         child_id = workflow_id or f"{parent.workflow_id}/{idx}"
-        rec = self._new_record(wf, child_id, inputs, parent.workflow_id)
+        if queued is not None:
+            queue, priority, delay, dedup_id = queued
+            rec = queue.record(wf, child_id, inputs, parent.workflow_id, priority, delay,
+                               dedup_id)
+        else:
+            rec = self._new_record(wf, child_id, inputs, parent.workflow_id)
         data, _ = _codec.encode(child_id, "child workflow id")
         at = time.time()
         link = JournalEntry(parent.workflow_id, idx, "child", wf.name, data, None, 1, at, at)
@@ -584,7 +681,10 @@ class App:
             self._check_existing(wf, child_id)
             parent.commit([link])
         else:
-            self._run(wf, rec, list(args), dict(kwargs), [], fresh=True)
+            if queued is None:
+                self._run(wf, rec, list(args), dict(kwargs), [], fresh=True)
+            else:
+                self._queue_wakeup.set()
         return WorkflowHandle(self, child_id)
 
     def _run(self, wf: Workflow[Any, Any], rec: WorkflowRecord, args: list[Any],
@@ -592,6 +692,7 @@ class App:
              fresh: bool = False) -> None:
         ctx = WorkflowContext(self, rec.id, rec.name, journal, is_async=wf.is_async,
                               fresh=fresh, token=rec.token)
+        ctx.queue = rec.queue
         if rec.status is Status.CANCELLING:
             ctx.cancel_event.set()  # it stops at its first durable call and compensates
         ex = Execution(ctx)
@@ -611,6 +712,8 @@ class App:
             self._threads.submit(target)
 
     def _finish(self, ex: Execution, outcome: Outcome) -> None:
+        if ex.ctx.queue is not None:
+            self._queue_wakeup.set()  # room for the next one
         if outcome.kind == "suspended" and isinstance(outcome.error, _Suspend):
             with self._lock:
                 self._suspended[ex.ctx.workflow_id] = outcome.error.wake_at
@@ -662,8 +765,17 @@ class App:
                 if res.dead_lettered:
                     log.error("workflow %s dead-lettered: %s", wid,
                               res.record and res.record.reason)
-                elif res.claimed and res.record is not None and self._resume(res.record):
-                    handles.append(WorkflowHandle(self, wid))
+                elif res.claimed and res.record is not None:
+                    rec = res.record
+                    if rec.queue is not None and rec.queue not in self._served:
+                        # A dead worker's queued workflow goes back to its queue, where
+                        # the queue's limits apply, rather than running here.
+                        self._committer.commit([Requeue(
+                            rec.id, self.executor_id, rec.token, None,
+                            "taken back from a worker that died")])
+                        handles.append(WorkflowHandle(self, wid))
+                    elif self._resume(rec):
+                        handles.append(WorkflowHandle(self, wid))
         return handles
 
     def _resume(self, rec: WorkflowRecord) -> bool:
@@ -733,6 +845,9 @@ class App:
         is :class:`WorkflowCancelledError`. A workflow whose process is gone is
         compensated by whichever process recovers it.
         """
+        if self.store.set_status(workflow_id, Status.CANCELLED, only_from=(Status.ENQUEUED,),
+                                 reason=reason or "cancelled before it started") is not None:
+            return True  # it never ran: nothing to compensate
         rec = self.store.set_status(workflow_id, Status.CANCELLING,
                                     only_from=(Status.RUNNING, Status.WAITING),
                                     reason=reason or "cancelled on request")

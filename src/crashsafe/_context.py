@@ -102,8 +102,8 @@ class WorkflowContext:
     __slots__ = (
         "_async_wake", "app", "attempts", "cancel_event", "check_only", "compensating",
         "compensations", "diverged", "executed", "fresh", "hedges", "is_async", "journal",
-        "next_index", "patches", "pending", "recorded", "replayed", "shutdown", "signal_event",
-        "token", "waits", "workflow_id", "workflow_name",
+        "next_index", "patches", "pending", "queue", "recorded", "replayed", "shutdown",
+        "signal_event", "token", "waits", "workflow_id", "workflow_name",
     )
 
     def __init__(
@@ -122,6 +122,8 @@ class WorkflowContext:
         self.fresh = fresh
         self.token = token
         """The fencing token of this run's lease, stamped on every write it commits."""
+        self.queue: str | None = None
+        """The queue this workflow came from, if any."""
         """Started by this process just now: no attempt of it can have been recorded."""
         self.attempts: dict[int, list[AttemptRecord]] | None = None
         self.hedges = 0

@@ -137,7 +137,7 @@ class WorkflowHandle(Generic[R]):
 
     def _local(self, ex: Execution) -> Any:
         out = ex.outcome
-        if out is None or out.kind in ("aborted", "suspended"):
+        if out is None or out.kind in ("aborted", "suspended", "requeued"):
             return _POLL
         if out.kind == "ok":
             return out.value

@@ -493,6 +493,9 @@ class Step(Generic[P, R]):
         while True:
             delay = drv.next_attempt()
             if delay > 0:
+                if ctx.queue is not None and drv.next_at is not None \
+                        and delay > float(self.retry.suspend_after):  # type: ignore[arg-type]
+                    self._suspend(ctx, idx, drv)  # back to the queue: frees this worker's slot
                 await _pause(ctx, delay)
             ops = drv.start_ops()
             if ops:

@@ -1,7 +1,8 @@
 """Transactional steps: a step's own writes and its journal entry in one transaction.
 
 ``@app.transaction()`` marks a sync function whose first parameter receives a
-database connection to the *journal's* SQLite file. Its writes commit in the same
+database connection to the *journal's* database (the SQLite file, or the PostgreSQL
+database with ``%s`` placeholders). Its writes commit in the same
 transaction as the step's result, so they happen exactly once: a crash before the
 commit rolls both back and the step runs again; after it, replay returns the result
 and the function does not run.
@@ -19,7 +20,8 @@ from .exceptions import ConfigurationError, NotInWorkflowError
 class TransactionConnection:
     """The connection a transactional step receives: the journal's open transaction.
 
-    ``execute`` and ``executemany`` work as on :class:`sqlite3.Connection`; committing,
+    ``execute`` and ``executemany`` work as on :class:`sqlite3.Connection` (on
+    PostgreSQL they take ``%s`` placeholders and return a psycopg cursor); committing,
     rolling back, closing and ``executescript`` (which commits) are refused, because
     crashsafe commits the step's writes together with its result.
     """
@@ -55,5 +57,5 @@ def check(fn: Any, is_async: bool, name: str) -> None:
 def unsupported(store: Any, name: str) -> ConfigurationError:
     return ConfigurationError(
         f"transactional step {name!r} needs a store that can share its transaction "
-        f"(the SQLite store); {store.url!r} cannot"
+        f"(the SQLite or PostgreSQL store); {store.url!r} cannot"
     )

@@ -19,7 +19,14 @@ from .exceptions import (
     StoreError,
     WorkflowCancelled,
 )
-from .stores.base import FinishWorkflow, JournalEntry, MarkWaiting, Status, WorkflowNotRunning
+from .stores.base import (
+    FinishWorkflow,
+    JournalEntry,
+    MarkWaiting,
+    Requeue,
+    Status,
+    WorkflowNotRunning,
+)
 
 if TYPE_CHECKING:
     from ._app import App
@@ -36,7 +43,8 @@ class Outcome:
     __slots__ = ("error", "kind", "value")
 
     def __init__(self, kind: str, value: Any = None, error: BaseException | None = None) -> None:
-        # "ok", "error", "cancelled", "dead_letter", "store_error", "aborted", "suspended"
+        # "ok", "error", "cancelled", "dead_letter", "store_error", "aborted", "suspended",
+        # "requeued"
         self.kind = kind
         self.value = value
         self.error = error
@@ -207,13 +215,20 @@ def _on_failure(wf: Workflow[Any, Any], ctx: WorkflowContext, exc: BaseException
 
 
 def _suspend(ctx: WorkflowContext, exc: _Suspend) -> Outcome:
+    """Park a workflow whose next attempt is far off: a queued one goes back to its
+    queue (any worker continues it when due), another waits in this process."""
+    if ctx.queue is not None:
+        op: Requeue | MarkWaiting = Requeue(ctx.workflow_id, ctx.app.executor_id, ctx.token,
+                                            exc.wake_at, exc.reason)
+    else:
+        op = MarkWaiting(ctx.workflow_id, ctx.app.executor_id, exc.reason)
     try:
-        ctx.commit([MarkWaiting(ctx.workflow_id, ctx.app.executor_id, exc.reason)])
+        ctx.commit([op])
     except StoreConflictError as store_exc:
         return Outcome("aborted", error=store_exc)  # cancelled or taken over meanwhile
     except StoreError as store_exc:
         return Outcome("store_error", error=store_exc)
-    return Outcome("suspended", error=exc)
+    return Outcome("requeued" if ctx.queue is not None else "suspended", error=exc)
 
 
 def compensate(ctx: WorkflowContext) -> list[str]:
@@ -301,7 +316,7 @@ def run_sync(wf: Workflow[Any, Any], ctx: WorkflowContext, args: list[Any],
             return _on_failure(wf, ctx, exc)
         try:
             return _settle_success(wf, ctx, value)
-        except Exception as exc:
+        except (Exception, _Shutdown) as exc:  # the app may close during the last commit
             return _on_failure(wf, ctx, exc)
     finally:
         _WORKFLOW.reset(token)
@@ -329,7 +344,7 @@ async def run_async(wf: Workflow[Any, Any], ctx: WorkflowContext, args: list[Any
                     return await asyncio.to_thread(_cancel_sync, ctx)
                 raise
             return Outcome("ok", value)
-        except Exception as exc:
+        except (Exception, _Shutdown) as exc:  # the app may close during the last commit
             return _on_failure(wf, ctx, exc)
     finally:
         _WORKFLOW.reset(token)

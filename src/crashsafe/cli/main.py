@@ -404,25 +404,39 @@ def replay_cmd(
 @cli.command("worker")
 def worker_cmd(
     target: Annotated[str, typer.Argument(help="MODULE:APP (or MODULE, or file.py) to serve")],
+    queues: Annotated[str | None, typer.Option(
+        "--queues", help="Comma-separated queues to take work from (default: every queue "
+                         "the app declares; none if it declares none).")] = None,
+    concurrency: Annotated[int | None, typer.Option(
+        help="Most queued workflows this worker runs at once.")] = None,
+    grace: Annotated[float, typer.Option(
+        help="On SIGTERM, seconds to let in-flight work reach its next durable call.")] = 10.0,
     db: DbOption = None,
 ) -> None:
-    """Serve an app: recover orphaned workflows and keep recovering until stopped."""
+    """Serve an app: take queued work, recover orphaned workflows, keep going until
+    stopped. SIGTERM stops taking work, gives in-flight workflows --grace seconds, then
+    hands queued ones back to their queue for other workers."""
     app = load_app(target)
     url = _explicit_url(db)
     if url is not None:
         app._store = open_store(url)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    names = [n.strip() for n in queues.split(",") if n.strip()] if queues else None
     try:
         app.launch()
+        if names is not None or app._queues:
+            app.serve(names, concurrency=concurrency)
     except CrashsafeError as exc:
         raise _fail(str(exc)) from None
-    out.print(f"crashsafe worker {app.executor_id} serving {app.store.url}; Ctrl-C to stop")
+    served = ", ".join(sorted(app._served)) or "no queues"
+    out.print(f"crashsafe worker {app.executor_id} serving {app.store.url} ({served}); "
+              "Ctrl-C or SIGTERM to stop", highlight=False)
     try:
         stop.wait()
     except KeyboardInterrupt:
         pass
-    app.close()
+    app.close(timeout=grace)
 
 
 @cli.command("demo")

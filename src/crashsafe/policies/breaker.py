@@ -97,6 +97,7 @@ class Doc(msgspec.Struct, omit_defaults=True):
 
 _ENC = msgspec.json.Encoder()
 _DEC = msgspec.json.Decoder(Doc)
+_STATES = frozenset(s.value for s in BreakerState)
 
 
 def load(raw: bytes | None) -> Doc:
@@ -104,9 +105,14 @@ def load(raw: bytes | None) -> Doc:
     if raw is None:
         return Doc()
     try:
-        return _DEC.decode(raw)
+        doc = _DEC.decode(raw)
     except msgspec.DecodeError:
         return Doc()
+    # Well-formed JSON can still be meaningless: an unknown state would hand every caller
+    # a probe, a short bucket would crash the next update.
+    if doc.state not in _STATES or any(len(b) != 3 for b in doc.buckets):
+        return Doc()
+    return doc
 
 
 def dump(doc: Doc) -> bytes:

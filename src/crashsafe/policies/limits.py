@@ -108,6 +108,21 @@ def take_rate(lim: RateLimit, raw: bytes | None, now: float) -> tuple[bytes, flo
     return raw or _ENC.encode(b), (1 - b.tokens) * per / lim.rate
 
 
+def take_rate_many(lim: RateLimit, raw: bytes | None, now: float,
+                   want: int) -> tuple[bytes | None, int]:
+    """Take up to ``want`` calls from the bucket at once: ``(document, taken)``."""
+    burst = float(lim.burst)  # type: ignore[arg-type]
+    per = float(lim.per)  # type: ignore[arg-type]
+    b = _bucket(raw, burst, now)
+    b.tokens = min(burst, b.tokens + max(0.0, now - b.at) * lim.rate / per)
+    b.at = now
+    taken = max(0, min(want, int(b.tokens + 1e-9)))
+    if not taken:
+        return raw or _ENC.encode(b), 0
+    b.tokens = max(0.0, b.tokens - taken)
+    return _ENC.encode(b), taken
+
+
 def _slots(raw: bytes | None) -> Slots:
     if raw is not None:
         try:
@@ -142,9 +157,11 @@ def withdraw(budget: RetryBudget, raw: bytes | None, now: float,
     b = _bucket(raw, budget.burst, now)
     b.tokens = min(budget.burst, b.tokens + deposits * budget.ratio)
     b.at = now
-    allowed = b.tokens >= 1
+    # Ten deposits of 0.1 add up to 0.9999999999999999: "10 % of calls" must still buy
+    # the tenth call's retry.
+    allowed = b.tokens >= 1 - 1e-9
     if allowed:
-        b.tokens -= 1
+        b.tokens = max(0.0, b.tokens - 1)
     return _ENC.encode(b), allowed
 
 

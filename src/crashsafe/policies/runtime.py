@@ -150,6 +150,13 @@ class Resilience:
                 return
             wait(min(delay, 1.0))
 
+    def take_many(self, lim: RateLimit, want: int) -> int:
+        """Take up to ``want`` calls from a rate limit without waiting; how many."""
+        def take(raw: bytes | None, now: float) -> tuple[bytes | None, int]:
+            return _l.take_rate_many(lim, raw, now, want)
+
+        return self.store.update_shared(lim.key, take)
+
     def release(self, lim: Limit, who: str) -> None:
         if isinstance(lim, ConcurrencyLimit):
             def give(raw: bytes | None, now: float) -> tuple[bytes | None, None]:

@@ -37,10 +37,12 @@ class Status(enum.StrEnum):
     CANCELLED = "cancelled"
     DEAD_LETTER = "dead_letter"
     """Parked after repeated crashed recoveries or a nondeterminism; resume by hand."""
+    ENQUEUED = "enqueued"
+    """Waiting in a queue for a worker to take it (see ``app.queue``); owned by nobody."""
 
     @property
     def terminal(self) -> bool:
-        return self not in ACTIVE_STATUSES
+        return self not in ACTIVE_STATUSES and self is not Status.ENQUEUED
 
     @property
     def active(self) -> bool:
@@ -75,6 +77,14 @@ class WorkflowRecord:
     token: int = 0
     """The fencing token of the current lease: raised by one at every takeover. Writes
     made under an older token are refused by the store (see :class:`JournalEntry`)."""
+    queue: str | None = None
+    """The queue it was enqueued on (None: started directly)."""
+    priority: int = 0
+    """Higher runs first among a queue's waiting workflows."""
+    not_before: float | None = None
+    """While enqueued: not handed to a worker before this time (store clock)."""
+    dedup_id: str | None = None
+    """At most one workflow per (queue, dedup id) is waiting or running at a time."""
 
 
 @dataclass(slots=True)
@@ -137,6 +147,18 @@ class MarkWaiting:
     reason: str | None
     token: int | None = None
     """Refused unless the workflow's fencing token is still this one (None: no check)."""
+
+
+@dataclass(slots=True)
+class Requeue:
+    """Write op: hand a running workflow back to its queue (a retry due later, or a
+    worker shutting down), only while ``owner`` holds it under ``token``."""
+
+    workflow_id: str
+    owner: str
+    token: int | None
+    not_before: float | None
+    reason: str | None = None
 
 
 @dataclass(slots=True)
@@ -222,7 +244,7 @@ class AttemptRecord:
 
 
 Op = (JournalEntry | FinishWorkflow | CreateWorkflow | MarkWaiting | CompleteEffect
-      | AttemptRecord)
+      | AttemptRecord | Requeue)
 
 T = TypeVar("T")
 
@@ -250,11 +272,18 @@ class WorkflowNotRunning(StoreConflictError):
 
 
 class WorkflowExists(StoreConflictError):
-    """A :class:`CreateWorkflow` met an existing id; read that row instead."""
+    """A :class:`CreateWorkflow` met an existing id (or, for ``dedup_id``, another
+    waiting or running workflow of that queue with the same dedup id, whose id
+    ``workflow_id`` then names); read that row instead."""
 
-    def __init__(self, workflow_id: str) -> None:
+    def __init__(self, workflow_id: str, dedup_id: str | None = None) -> None:
         self.workflow_id = workflow_id
-        super().__init__(f"a workflow with id {workflow_id!r} already exists")
+        self.dedup_id = dedup_id
+        if dedup_id is None:
+            super().__init__(f"a workflow with id {workflow_id!r} already exists")
+        else:
+            super().__init__(f"workflow {workflow_id!r} with dedup id {dedup_id!r} is "
+                             "already waiting or running on this queue")
 
 
 @dataclass(slots=True)
@@ -411,6 +440,15 @@ class Store(Protocol):
     def list_shared(self, prefix: str) -> list[tuple[str, bytes, float]]:
         """``(key, value, updated_at)`` of every shared value whose key starts with
         ``prefix``, ordered by key."""
+        ...
+
+    def dequeue(self, queue: str, owner: str, limit: int, queue_limit: int | None,
+                now: float) -> list[WorkflowRecord]:
+        """Hand up to ``limit`` enqueued workflows of ``queue`` to ``owner``: highest
+        priority first, then oldest; only those whose ``not_before`` has passed; never
+        more than ``queue_limit`` of the queue running at once across all owners. Each
+        becomes ``running`` with a new fencing token. One item is never handed to two
+        callers. Returns the taken records."""
         ...
 
     def clock(self) -> float:

@@ -28,6 +28,7 @@ from .base import (
     ListFilter,
     MarkWaiting,
     Op,
+    Requeue,
     SharedUpdate,
     Status,
     T,
@@ -67,7 +68,16 @@ class MemoryStore:
                 wid = op.record.id
                 if wid in self._workflows or wid in creating:
                     return WorkflowExists(wid)
+                twin = self._dedup_twin(op.record)
+                if twin is not None:
+                    return WorkflowExists(twin, op.record.dedup_id)
                 creating.add(wid)
+                continue
+            if isinstance(op, Requeue):
+                rec = self._workflows.get(op.workflow_id)
+                if rec is None or rec.status not in PROCEEDING or rec.owner != op.owner \
+                        or (op.token is not None and rec.token != op.token):
+                    return WorkflowNotRunning(op.workflow_id, op.token)
                 continue
             if isinstance(op, FinishWorkflow | MarkWaiting):
                 rec = self._workflows.get(op.workflow_id)
@@ -112,6 +122,10 @@ class MemoryStore:
                 attempt = copy.copy(op)
                 attempt.token = None
                 self._attempts.setdefault(op.workflow_id, {})[(op.index, op.attempt)] = attempt
+            elif isinstance(op, Requeue):
+                rec = self._workflows[op.workflow_id]
+                rec.status, rec.owner, rec.not_before = Status.ENQUEUED, None, op.not_before
+                rec.reason = op.reason
             elif isinstance(op, MarkWaiting):
                 rec = self._workflows[op.workflow_id]
                 rec.status = Status.RUNNING if op.reason is None else Status.WAITING
@@ -127,6 +141,34 @@ class MemoryStore:
         rec.error = op.error
         rec.reason = op.reason
         rec.updated_at = op.at
+
+    def _dedup_twin(self, record: WorkflowRecord) -> str | None:
+        if record.dedup_id is None:
+            return None
+        for r in self._workflows.values():
+            if (r.queue, r.dedup_id) == (record.queue, record.dedup_id) and (
+                    r.status.active or r.status is Status.ENQUEUED):
+                return r.id
+        return None
+
+    def dequeue(self, queue: str, owner: str, limit: int, queue_limit: int | None,
+                now: float) -> list[WorkflowRecord]:
+        with self._lock:
+            if queue_limit is not None:
+                running = sum(1 for r in self._workflows.values()
+                              if r.queue == queue and r.status.active)
+                limit = min(limit, queue_limit - running)
+            if limit <= 0:
+                return []
+            ready = sorted(
+                (r for r in self._workflows.values()
+                 if r.queue == queue and r.status is Status.ENQUEUED
+                 and (r.not_before is None or r.not_before <= now)),
+                key=lambda r: (-r.priority, r.created_at, r.id))[:limit]
+            for r in ready:
+                r.status, r.owner, r.token, r.updated_at = Status.RUNNING, owner, r.token + 1, now
+                r.reason = None
+            return [copy.copy(r) for r in ready]
 
     def create_workflow(self, record: WorkflowRecord) -> tuple[WorkflowRecord, bool]:
         with self._lock:
@@ -260,7 +302,7 @@ class MemoryStore:
     def send_signal(self, workflow_id: str, name: str, payload: bytes, at: float) -> int | None:
         with self._lock:
             rec = self._workflows.get(workflow_id)
-            if rec is None or not rec.status.active:
+            if rec is None or rec.status.terminal:
                 return None
             queue = self._signals.setdefault((workflow_id, name), [])
             queue.append(payload)

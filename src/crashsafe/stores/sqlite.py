@@ -43,6 +43,7 @@ from .base import (
     ListFilter,
     MarkWaiting,
     Op,
+    Requeue,
     SharedUpdate,
     Status,
     T,
@@ -52,7 +53,7 @@ from .base import (
     decide_claim,
 )
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 # Each entry upgrades the schema from version i to i + 1. Never edit a shipped entry:
 # append a new one.
@@ -160,18 +161,35 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE workflows ADD COLUMN token INTEGER NOT NULL DEFAULT 0;
     """,
+    """
+    ALTER TABLE workflows ADD COLUMN queue TEXT;
+    ALTER TABLE workflows ADD COLUMN priority INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE workflows ADD COLUMN not_before REAL;
+    ALTER TABLE workflows ADD COLUMN dedup_id TEXT;
+    CREATE INDEX workflows_queue ON workflows (queue, status, priority, created_at)
+        WHERE queue IS NOT NULL;
+    CREATE UNIQUE INDEX workflows_dedup ON workflows (queue, dedup_id)
+        WHERE dedup_id IS NOT NULL
+        AND status IN ('enqueued', 'running', 'waiting', 'cancelling');
+    """,
 ]
 
 _WF_COLS = (
     "id, name, version, status, inputs, output, error, owner, parent_id, created_at, "
-    "updated_at, recovery_attempts, reason, recovery_mark, token"
+    "updated_at, recovery_attempts, reason, recovery_mark, token, queue, priority, not_before, "
+    "dedup_id"
 )
 _INSERT_ENTRY = (
     "INSERT INTO journal (workflow_id, idx, kind, name, output, error, attempts, started_at, "
     "ended_at, note) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _CREATE = (f"INSERT INTO workflows ({_WF_COLS}) "
-           "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+           "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+_REQUEUE = (
+    "UPDATE workflows SET status = 'enqueued', owner = NULL, not_before = ?1, reason = ?2 "
+    "WHERE id = ?3 AND owner = ?4 AND status IN ('running', 'waiting') "
+    "AND (?5 IS NULL OR token = ?5)"
+)
 # A write that carries a fencing token lands only while the workflow's token is still
 # that one: the database itself refuses a stale worker, in the same statement.
 _FENCE = " WHERE EXISTS (SELECT 1 FROM workflows WHERE id = ? AND token = ?)"
@@ -250,6 +268,12 @@ def _translate(exc: sqlite3.Error, doing: str) -> StoreError:
     return StoreError(f"{doing}: {msg}")
 
 
+def _create_row(r: WorkflowRecord) -> tuple[Any, ...]:
+    return (r.id, r.name, r.version, r.status.value, r.inputs, r.output, r.error, r.owner,
+            r.parent_id, r.created_at, r.updated_at, r.recovery_attempts, r.reason,
+            r.recovery_mark, r.token, r.queue, r.priority, r.not_before, r.dedup_id)
+
+
 def _stale(rows: list[tuple[Any, ...]]) -> WorkflowNotRunning:
     """The fenced write that matched no row: its workflow's token moved on."""
     ids = {r[-2] for r in rows}
@@ -263,7 +287,7 @@ def _row_to_workflow(row: tuple[Any, ...]) -> WorkflowRecord:
         id=row[0], name=row[1], version=row[2], status=Status(row[3]), inputs=row[4],
         output=row[5], error=row[6], owner=row[7], parent_id=row[8], created_at=row[9],
         updated_at=row[10], recovery_attempts=row[11], reason=row[12], recovery_mark=row[13],
-        token=row[14],
+        token=row[14], queue=row[15], priority=row[16], not_before=row[17], dedup_id=row[18],
     )
 
 
@@ -398,11 +422,17 @@ class SQLiteStore:
                     results.append(_translate(exc, "committing the journal"))
             return results
 
-    @staticmethod
-    def _conflict(ops: Sequence[Op], exc: sqlite3.Error) -> StoreConflictError:
+    def _conflict(self, ops: Sequence[Op], exc: sqlite3.Error) -> StoreConflictError:
         create = next((op for op in ops if isinstance(op, CreateWorkflow)), None)
         if create is not None and "workflows.id" in str(exc):
             return WorkflowExists(create.record.id)
+        if create is not None and "workflows.dedup_id" in str(exc):
+            r = create.record
+            row = self._w.execute(
+                "SELECT id FROM workflows WHERE queue = ? AND dedup_id = ? "
+                "AND status IN ('enqueued', 'running', 'waiting', 'cancelling')",
+                (r.queue, r.dedup_id)).fetchone()
+            return WorkflowExists(row[0] if row else r.id, r.dedup_id)
         wf = next((op.workflow_id for op in ops if not isinstance(op, CreateWorkflow)), "?")
         return StoreConflictError(
             f"workflow {wf!r}: journal entry already recorded ({exc}); another executor "
@@ -419,6 +449,7 @@ class SQLiteStore:
         marks: list[tuple[Any, ...]] = []
         effects: list[CompleteEffect] = []
         attempts: list[tuple[Any, ...]] = []
+        requeues: list[tuple[Any, ...]] = []
         for ops in batches:
             for op in ops:
                 if type(op) is JournalEntry:
@@ -446,13 +477,14 @@ class SQLiteStore:
                                   op.workflow_id, op.owner, op.token))
                 elif isinstance(op, CreateWorkflow):
                     r = op.record
-                    creates.append((r.id, r.name, r.version, r.status.value, r.inputs, r.output,
-                                    r.error, r.owner, r.parent_id, r.created_at, r.updated_at,
-                                    r.recovery_attempts, r.reason, r.recovery_mark, r.token))
+                    creates.append(_create_row(r))
+                elif isinstance(op, Requeue):
+                    requeues.append((op.not_before, op.reason, op.workflow_id, op.owner,
+                                     op.token))
         if _faults.ENABLED:
             _faults.point("store: begin journal commit")
         if (len(creates) + len(entries) + len(fenced) + len(finishes) + len(marks) == 1
-                and not effects and not attempts and not fenced_attempts):
+                and not effects and not attempts and not fenced_attempts and not requeues):
             # One statement in autocommit mode is its own transaction: one fsync, one call.
             self._apply_single(conn, creates, entries, fenced, finishes, marks)
             if _faults.ENABLED:
@@ -476,6 +508,8 @@ class SQLiteStore:
                     (e.output, e.error, e.expires_at, e.key, e.workflow_id, e.index)
                     for e in effects])
                 conn.executemany(_CLEAR_INTENT, [(e.workflow_id, e.index) for e in effects])
+            if requeues and conn.executemany(_REQUEUE, requeues).rowcount != len(requeues):
+                raise WorkflowNotRunning(requeues[0][2] if len(requeues) == 1 else "?")
             if marks and conn.executemany(_MARK_WAITING, marks).rowcount != len(marks):
                 raise WorkflowNotRunning(marks[0][2] if len(marks) == 1 else "?")
             if finishes and conn.executemany(_FINISH, finishes).rowcount != len(finishes):
@@ -513,13 +547,7 @@ class SQLiteStore:
     # -- other writes -----------------------------------------------------------------
     def create_workflow(self, record: WorkflowRecord) -> tuple[WorkflowRecord, bool]:
         with self._write(f"starting workflow {record.id!r}") as conn:
-            cur = conn.execute(
-                _CREATE + " ON CONFLICT (id) DO NOTHING",
-                (record.id, record.name, record.version, record.status.value, record.inputs,
-                 record.output, record.error, record.owner, record.parent_id, record.created_at,
-                 record.updated_at, record.recovery_attempts, record.reason,
-                 record.recovery_mark, record.token),
-            )
+            cur = conn.execute(_CREATE + " ON CONFLICT (id) DO NOTHING", _create_row(record))
             if cur.rowcount == 1:
                 return record, True
             row = conn.execute(f"SELECT {_WF_COLS} FROM workflows WHERE id = ?",
@@ -664,7 +692,7 @@ class SQLiteStore:
         with self._write(f"signalling workflow {workflow_id!r}") as conn:
             row = conn.execute("SELECT status FROM workflows WHERE id = ?",
                                (workflow_id,)).fetchone()
-            if row is None or row[0] not in ("running", "waiting", "cancelling"):
+            if row is None or row[0] not in ("running", "waiting", "cancelling", "enqueued"):
                 return None
             seq = conn.execute(
                 "SELECT COALESCE(MAX(seq) + 1, 0) FROM signals WHERE workflow_id = ? AND name = ?",
@@ -741,6 +769,34 @@ class SQLiteStore:
             cur = conn.execute("DELETE FROM effects WHERE state = 'done' AND expires_at < ?",
                                (now,))
             return int(cur.rowcount)
+
+    def dequeue(self, queue: str, owner: str, limit: int, queue_limit: int | None,
+                now: float) -> list[WorkflowRecord]:
+        ready = "queue = ? AND status = 'enqueued' AND (not_before IS NULL OR not_before <= ?)"
+        # A plain read first, so idle workers polling an empty queue take no write lock.
+        if limit <= 0 or not self._read(f"SELECT 1 FROM workflows WHERE {ready} LIMIT 1",
+                                         (queue, now)):
+            return []
+        with self._write(f"taking work from queue {queue!r}") as conn:
+            if queue_limit is not None:
+                running = conn.execute(
+                    "SELECT COUNT(*) FROM workflows WHERE queue = ? "
+                    "AND status IN ('running', 'waiting', 'cancelling')", (queue,)).fetchone()[0]
+                limit = min(limit, queue_limit - running)
+                if limit <= 0:
+                    return []
+            rows = conn.execute(
+                f"SELECT {_WF_COLS} FROM workflows WHERE {ready} "
+                "ORDER BY priority DESC, created_at, id LIMIT ?", (queue, now, limit)).fetchall()
+            taken = [_row_to_workflow(r) for r in rows]
+            for rec in taken:
+                rec.status, rec.owner, rec.token = Status.RUNNING, owner, rec.token + 1
+                rec.updated_at, rec.reason = now, None
+            conn.executemany(
+                "UPDATE workflows SET status = 'running', owner = ?, token = ?, updated_at = ?, "
+                "reason = NULL WHERE id = ? AND status = 'enqueued'",
+                [(owner, r.token, now, r.id) for r in taken])
+            return taken
 
     def clock(self) -> float:
         # SQLite reads the operating system's clock itself, below anything a process
