@@ -253,6 +253,15 @@ class Step(Generic[P, R]):
             cfg = res.breaker_config(self.breaker)
             drv.ticket = res.admit(cfg, res.breaker_key(cfg, ctx.workflow_name), drv.who)
 
+    def _admission_is_cheap(self, ctx: WorkflowContext) -> bool:
+        """No store I/O needed to admit this attempt (an async step then skips the hop
+        to a worker thread)."""
+        if self.limits or self.breaker is None:
+            return False
+        res = ctx.app._resilience
+        cfg = res.breaker_config(self.breaker)
+        return res.fresh_closed(res.breaker_key(cfg, ctx.workflow_name))
+
     def _release(self, ctx: WorkflowContext, drv: Driver, exc: BaseException | None) -> None:
         res = ctx.app._resilience
         who = f"{drv.who}:{drv.attempt}"
@@ -506,7 +515,10 @@ class Step(Generic[P, R]):
                 failure: BaseException | None = None
                 try:
                     if self._guarded:
-                        await asyncio.to_thread(self._admit, ctx, drv, wait)
+                        if self._admission_is_cheap(ctx):
+                            self._admit(ctx, drv, wait)  # a closed breaker seen just now
+                        else:
+                            await asyncio.to_thread(self._admit, ctx, drv, wait)
                     if _faults.ENABLED:
                         _faults.point(f"step {self.name!r}: before body")
                     result, note = await self._body_async(ctx, drv, args, kwargs)
@@ -517,7 +529,10 @@ class Step(Generic[P, R]):
                     raise
                 finally:
                     if self._guarded:
-                        await asyncio.to_thread(self._release, ctx, drv, failure)
+                        if failure is None and not self.limits:
+                            self._release(ctx, drv, None)  # a success is counted in memory
+                        else:
+                            await asyncio.to_thread(self._release, ctx, drv, failure)
             except Exception as exc:
                 if self.retry.budget is not None:  # withdrawing from it is a store write
                     decision, ops, err = await asyncio.to_thread(drv.failed, exc)

@@ -10,6 +10,7 @@ write per call.
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,6 +24,12 @@ from .limits import ConcurrencyLimit, Limit, RateLimit
 from .retry import RetryBudget
 
 _SAMPLES = 200
+_CLOSED_FRESH = 0.1
+"""Seconds a closed breaker read from the store is trusted without reading it again:
+a trip in another process is seen at most this late (breakers are statistical)."""
+_LOCAL_TOKENS_TTL = 1.0
+"""Rate-limit tokens taken in a batch and not used within this time are dropped (never
+handed back), so a process never exceeds the shared rate, only under-uses it."""
 
 
 @dataclass(slots=True)
@@ -46,6 +53,8 @@ class Resilience:
         self._latency: dict[str, deque[float]] = {}
         self.breakers: dict[str, CircuitBreaker] = {}
         self.limits: dict[str, Limit] = {}
+        self._closed_seen: dict[str, float] = {}
+        self._tokens: dict[str, tuple[int, float]] = {}
 
     # -- configuration --------------------------------------------------------------------
     def breaker_config(self, spec: CircuitBreaker | str) -> CircuitBreaker:
@@ -74,6 +83,8 @@ class Resilience:
     # -- breakers -------------------------------------------------------------------------
     def admit(self, cfg: CircuitBreaker, key: str, who: str) -> Ticket:
         """Admit one call or raise :class:`CircuitOpenError` (nothing is called)."""
+        if self.fresh_closed(key):
+            return Ticket(cfg, key, who, Admission.ALLOW)
         raw, now = self.store.read_shared(key)
         doc = _b.load(raw)
         admission = _b.quick_admit(doc, now, who)
@@ -85,6 +96,9 @@ class Resilience:
                 return _b.dump(d), (a, d)
 
             admission, doc = self.store.update_shared(key, step)
+        if doc.state == _b.BreakerState.CLOSED:
+            with self._lock:
+                self._closed_seen[key] = time.monotonic() + _CLOSED_FRESH
         if admission is Admission.REJECT:
             name = key.removeprefix("breaker:")
             if doc.state == _b.BreakerState.OPEN:
@@ -94,6 +108,11 @@ class Resilience:
                 why = "half-open with its one probe in flight elsewhere"
             raise CircuitOpenError(f"circuit breaker {name!r} is {why}", name)
         return Ticket(cfg, key, who, admission)
+
+    def fresh_closed(self, key: str) -> bool:
+        """Whether the breaker was seen closed in the last moment (no read needed)."""
+        with self._lock:
+            return self._closed_seen.get(key, 0.0) > time.monotonic()
 
     def outcome(self, ticket: Ticket, failed: bool) -> None:
         """Count the call's outcome. A success of a closed breaker is only counted here
@@ -105,6 +124,7 @@ class Resilience:
             return
         with self._lock:
             _, pending = self._successes.pop(ticket.key, (ticket.cfg, 0))
+            self._closed_seen.pop(ticket.key, None)  # it may trip: look again next time
         cfg, who = ticket.cfg, ticket.who
 
         def step(raw: bytes | None, now: float) -> tuple[bytes | None, None]:
@@ -131,24 +151,52 @@ class Resilience:
         return self.store.update_shared(f"budget:{budget.name}", step)
 
     # -- rate and concurrency limits ------------------------------------------------------
-    def acquire(self, lim: Limit, who: str, wait: Callable[[float], None]) -> None:
-        """Block (through ``wait``, which may raise to stop) until ``lim`` admits ``who``."""
+    def acquire(self, lim: Limit, who: str, wait_fn: Callable[[float], None]) -> None:
+        """Block (through ``wait_fn``, which may raise to stop) until ``lim`` admits
+        ``who``. Rate-limit tokens are taken in batches of a tenth of the burst and
+        spent locally, so a busy process writes to the store once per batch."""
         if isinstance(lim, RateLimit):
             rate = lim
+            batch = max(1, int(float(lim.burst) * 0.1))  # type: ignore[arg-type]
 
-            def take(raw: bytes | None, now: float) -> tuple[bytes | None, float]:
-                return _l.take_rate(rate, raw, now)
-        else:
-            conc = lim
+            def take_batch(raw: bytes | None, now: float) -> tuple[bytes | None,
+                                                                   tuple[float, int]]:
+                doc, got = _l.take_rate_many(rate, raw, now, batch)
+                if got:
+                    return doc, (0.0, got)
+                doc, wait = _l.take_rate(rate, raw, now)  # none left: how long to wait
+                return doc, (wait, 0)
 
-            def take(raw: bytes | None, now: float) -> tuple[bytes | None, float]:
-                return _l.take_slot(conc, raw, now, who)
+            while not self._spend_local(rate):
+                wait, got = self.store.update_shared(rate.key, take_batch)
+                if got:
+                    self._keep_local(rate, got - 1)
+                    return
+                wait_fn(min(wait, 1.0))
+            return
+        conc = lim
+
+        def take(raw: bytes | None, now: float) -> tuple[bytes | None, float]:
+            return _l.take_slot(conc, raw, now, who)
 
         while True:
             delay = self.store.update_shared(lim.key, take)
             if delay <= 0:
                 return
-            wait(min(delay, 1.0))
+            wait_fn(min(delay, 1.0))
+
+    def _spend_local(self, lim: RateLimit) -> bool:
+        """Use a token this process took earlier in a batch, if one is still fresh."""
+        with self._lock:
+            count, until = self._tokens.get(lim.key, (0, 0.0))
+            if count > 0 and until > time.monotonic():
+                self._tokens[lim.key] = (count - 1, until)
+                return True
+            return False
+
+    def _keep_local(self, lim: RateLimit, count: int) -> None:
+        with self._lock:
+            self._tokens[lim.key] = (count, time.monotonic() + _LOCAL_TOKENS_TTL)
 
     def take_many(self, lim: RateLimit, want: int) -> int:
         """Take up to ``want`` calls from a rate limit without waiting; how many."""
