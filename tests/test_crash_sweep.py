@@ -45,6 +45,8 @@ from typing import Any
 
 import pytest
 
+from crashsafe._seal import RecordContext, Sealer
+
 sys.path.insert(0, str(Path(__file__).parent))
 from sweep_worker import STEPS, WORKFLOWS, expected
 
@@ -140,6 +142,8 @@ def check_final(db: Path, ledger: Path, ref: Reference, before_kill: list[str] |
         problems.append(f"workflows in the store: {sorted(workflows)}")
     for wid, no in WORKFLOWS:
         status, output = workflows.get(wid, (None, None))
+        if output is not None:  # stored sealed: checksum and context verified here
+            output = Sealer().open(output, RecordContext(wid, -1, "output"))
         if status != "succeeded" or output != str(expected(no)).encode():
             problems.append(f"{wid}: status {status!r} output {output!r}, an uninterrupted "
                             f"run gives 'succeeded' {expected(no)}")
@@ -194,7 +198,11 @@ def check_final(db: Path, ledger: Path, ref: Reference, before_kill: list[str] |
                                 f"commit at {entry[6]}: bodies started at {late}")
     for wid, _no in WORKFLOWS:
         now = [v for (w, _i), v in final.items() if w == wid and v[0] == "now"]
-        recorded = json.loads(now[0][2])["$dt"] if len(now) == 1 else None
+        recorded = None
+        if len(now) == 1:
+            idx = next(i for (w, i), v in final.items() if w == wid and v[0] == "now")
+            plain = Sealer().open(now[0][2], RecordContext(wid, idx, "output"))
+            recorded = json.loads(plain)["$dt"]
         stamps = {e[4] for e in executions if e[0] == wid and e[4] is not None}
         if recorded is None or stamps != {recorded}:
             problems.append(f"{wid}: step bodies got instants {sorted(stamps)}, the journal "

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from crashsafe.stores import Status
+from crashsafe.stores.sealed import sealed
 from crashsafe.stores.sqlite import SQLiteStore
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -94,7 +95,7 @@ def test_random_kills_lose_nothing_and_duplicate_nothing(tmp_path: Path, campaig
     lost = [k for k, v in snapshots.items() if final.get(k, (None, None))[:2] != v[:2]]
     assert lost == [], f"seed={seed}: committed journal entries lost: {lost[:5]}"
 
-    store = SQLiteStore(f"sqlite:///{db}")
+    store = sealed(SQLiteStore(f"sqlite:///{db}"), None)  # payloads opened and verified
     for n in range(WORKFLOWS):
         rec = store.get_workflow(f"wf-{n:03d}")
         assert rec is not None and rec.status is Status.SUCCEEDED, f"seed={seed}: wf-{n:03d}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sqlite3
 import subprocess
 import sys
@@ -278,7 +279,7 @@ def test_four_processes_share_one_file(tmp_path: Path) -> None:
 def test_full_disk_fails_the_commit_and_the_workflow_recovers(tmp_path: Path) -> None:
     path = tmp_path / "full.db"
     store = SQLiteStore(url_for(path))
-    big = "x" * 200_000
+    big = os.urandom(100_000).hex()  # incompressible: sealing cannot shrink it into the page
     filled = threading.Event()
     seen: list[BaseException] = []
 
@@ -323,7 +324,7 @@ def test_full_disk_fails_the_commit_and_the_workflow_recovers(tmp_path: Path) ->
         rec = store.get_workflow("full-1")
         assert rec is not None
         assert rec.status is Status.RUNNING
-        journal = store.load_journal("full-1")
+        journal = first.store.load_journal("full-1")  # the sealed view: payloads opened
         assert [(e.index, e.name) for e in journal] == [(0, "small")]
         assert crashsafe._codec.decode(journal[0].output or b"") == 1
         raw = sqlite3.connect(path)

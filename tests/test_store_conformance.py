@@ -47,3 +47,20 @@ def test_postgres_store(check: Check) -> None:
 def test_every_check_is_collected() -> None:
     assert len(CHECKS) >= 20
     assert len({c.__name__ for c in CHECKS}) == len(CHECKS)
+
+
+@pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.__name__)
+def test_sealed_sqlite_store(check: Check, tmp_path: Path) -> None:
+    """The sealed wrapper (checksums, compression, encryption) keeps the whole contract."""
+    from crashsafe._keys import Keyring
+    from crashsafe._seal import Sealer
+    from crashsafe.stores.sealed import SealedStore
+
+    counter = itertools.count()
+    ring = Keyring.generate("k1")
+
+    def factory() -> Store:
+        inner = SQLiteStore(f"sqlite:///{tmp_path}/sealed-{next(counter)}.db")
+        return SealedStore(inner, Sealer(ring))
+
+    check(factory)

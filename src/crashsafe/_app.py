@@ -17,6 +17,7 @@ from ._commit import GroupCommitter
 from ._context import _STEP, _WORKFLOW, WorkflowContext, _Suspend
 from ._escalation import Escalation
 from ._handle import WorkflowHandle
+from ._keys import Keyring
 from ._locks import Lock, make_lock
 from ._queues import Queue
 from ._queues import take as take_from_queue
@@ -47,6 +48,7 @@ from .stores.base import (
     Requeue,
     WorkflowExists,
 )
+from .stores.sealed import SealedStore, sealed
 
 log = logging.getLogger("crashsafe")
 
@@ -184,11 +186,14 @@ class App:
 
     @property
     def store(self) -> Store:
-        """The store, opened on first use."""
-        if self._store is None:
+        """The store, opened on first use. Payloads are sealed on their way in and
+        verified on their way out (see :mod:`crashsafe.stores.sealed`)."""
+        if self._store is None or not isinstance(self._store, SealedStore):
             with self._lock:
                 if self._store is None:
                     self._store = open_store(self._url)
+                elif not isinstance(self._store, SealedStore):
+                    self._store = sealed(self._store, Keyring.from_env())
         return self._store
 
     @property

@@ -27,8 +27,22 @@ def default_url() -> str:
 
 
 def open_store(url: str | None = None) -> Store:
-    """Open the store a URL names: ``sqlite:///file.db``,
-    ``postgresql://user@host:5432/db`` or ``memory://``."""
+    """Open the store a URL names (``sqlite:///file.db``,
+    ``postgresql://user@host:5432/db`` or ``memory://``), its payloads sealed
+    (:mod:`crashsafe.stores.sealed`; encrypted when ``$CRASHSAFE_KEYS`` is set)."""
+    from .._keys import Keyring
+    from .sealed import sealed
+
+    raw = open_raw_store(url)
+    try:
+        return sealed(raw, Keyring.from_env())
+    except BaseException:
+        raw.close()
+        raise
+
+
+def open_raw_store(url: str | None = None) -> Store:
+    """The backend a URL names, without sealing (for tools that inspect stored bytes)."""
     url = url or default_url()
     if not isinstance(url, str):
         raise ConfigurationError(f"database URL must be a string, not {type(url).__name__}")
