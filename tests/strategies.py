@@ -158,3 +158,16 @@ __all__ = [
     "same",
     "storable",
 ]
+
+
+def breaker_events(callers: int = 4, max_size: int = 80) -> st.SearchStrategy[
+        list[tuple[str, int, float]]]:
+    """Interleavings for a circuit breaker: ``(kind, caller, seconds)`` where kind is
+    ``admit``, ``ok``, ``fail`` (the caller reports its last admitted call) or ``tick``
+    (time moves on by ``seconds``, from a blink to past every lease and open period;
+    ignored by the other kinds). Admits and failures are drawn more often, so the
+    breaker trips and probes in most examples."""
+    kind = st.sampled_from(["admit", "admit", "admit", "fail", "fail", "ok", "tick", "tick"])
+    caller = st.integers(0, callers - 1)
+    step = st.sampled_from([0.0, 0.01, 0.2, 0.49, 0.5, 0.51, 1.0, 2.5, 10.0])
+    return st.lists(st.tuples(kind, caller, step), min_size=10, max_size=max_size)
