@@ -526,7 +526,7 @@ class App:
         return all(ex.done.wait(max(0.0, deadline - time.monotonic())) for ex in executions)
 
     def _serve(self) -> None:
-        next_beat = next_sweep = time.monotonic()
+        next_beat = next_sweep = next_flush = time.monotonic()
         while True:
             # Woken early when work is enqueued or a queued workflow ends.
             self._queue_wakeup.wait(0.25)
@@ -543,8 +543,9 @@ class App:
                     self._sync_clock()
                     self.store.heartbeat(self.executor_id, self.clock())
                     next_beat = now + self.heartbeat_interval
-                if self._resilience_obj is not None:
+                if self._resilience_obj is not None and now >= next_flush:
                     self._resilience_obj.flush()
+                    next_flush = now + 1.0
                 if now >= next_sweep:
                     self.recover()
                     if self.effect_retention is not None:

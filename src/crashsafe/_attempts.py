@@ -19,7 +19,12 @@ from typing import TYPE_CHECKING, Any
 
 from ._context import WorkflowContext
 from ._errors import error_payload, failure_class
-from .exceptions import CircuitOpenError, RetryBudgetExhaustedError, StepCrashedError
+from .exceptions import (
+    CircuitOpenError,
+    ConfigurationError,
+    RetryBudgetExhaustedError,
+    StepCrashedError,
+)
 from .policies.classify import Failure, FailureClass, classify
 from .policies.retry import Decision
 from .policies.runtime import Ticket
@@ -118,6 +123,8 @@ class Driver:
         failure = _classify(exc)
         if isinstance(exc, CircuitOpenError):
             decision = Decision(False, reason="its circuit breaker is open")
+        elif isinstance(exc, ConfigurationError):
+            decision = Decision(False, reason="a configuration error is not retried")
         else:
             decision = self.policy.decide(self.attempt, exc, failure, now - self.started,
                                           self.prev_delay)

@@ -16,7 +16,7 @@ from . import _codec, _effects, _faults, _transact
 from ._attempts import Driver
 from ._context import _STEP, _WORKFLOW, Current, WorkflowContext, _Shutdown, _Suspend
 from ._errors import error_payload, live_step_failure, pin_class, step_failure
-from ._escalation import ask, describe_actions
+from ._escalation import ask, ask_async, describe_actions
 from .exceptions import (
     CircuitOpenError,
     ConfigurationError,
@@ -253,14 +253,25 @@ class Step(Generic[P, R]):
             cfg = res.breaker_config(self.breaker)
             drv.ticket = res.admit(cfg, res.breaker_key(cfg, ctx.workflow_name), drv.who)
 
-    def _admission_is_cheap(self, ctx: WorkflowContext) -> bool:
-        """No store I/O needed to admit this attempt (an async step then skips the hop
-        to a worker thread)."""
-        if self.limits or self.breaker is None:
-            return False
+    async def _admit_async(self, ctx: WorkflowContext, drv: Driver) -> None:
+        """:meth:`_admit` for async steps: waiting for a limit awaits (it never holds a
+        worker thread), and a breaker seen closed a moment ago costs no thread hop."""
         res = ctx.app._resilience
-        cfg = res.breaker_config(self.breaker)
-        return res.fresh_closed(res.breaker_key(cfg, ctx.workflow_name))
+        who = f"{drv.who}:{drv.attempt}"
+        for spec in self.limits:
+            lim = res.limit_config(spec)
+            poll = 0.01
+            while (left := await asyncio.to_thread(res.try_acquire, lim, who)) > 0:
+                await _pause(ctx, min(left, poll))
+                poll = min(poll * 2, 0.1)
+            drv.limits_held.append(lim)
+        if self.breaker is not None:
+            cfg = res.breaker_config(self.breaker)
+            key = res.breaker_key(cfg, ctx.workflow_name)
+            if res.fresh_closed(key):
+                drv.ticket = res.admit(cfg, key, drv.who)  # no I/O: seen closed just now
+            else:
+                drv.ticket = await asyncio.to_thread(res.admit, cfg, key, drv.who)
 
     def _release(self, ctx: WorkflowContext, drv: Driver, exc: BaseException | None) -> None:
         res = ctx.app._resilience
@@ -395,16 +406,31 @@ class Step(Generic[P, R]):
                        f"step {self.name!r} (index {idx}) retries at {when} "
                        f"(attempt {drv.attempt})")
 
-    def _ask_person(self, ctx: WorkflowContext, idx: int, drv: Driver, err: Exception,
-                    reason: str) -> tuple[str, Any]:
-        """Escalate a failure the policy cannot handle; blocking. Returns the person's
-        action and, for ``value``, the value."""
+    def _person_question(self, ctx: WorkflowContext, idx: int, drv: Driver, err: Exception,
+                         reason: str) -> tuple[str, str]:
         signal = f"resolve:{idx}"
         why = (f"step {self.name!r} (index {idx}) failed after {drv.attempt} attempt(s) "
                f"with {type(err).__name__}: {str(err)[:200]} ({reason}); "
                + describe_actions(ctx, signal, PERSON_ACTIONS)
                + """; "value" takes {"value": ...} as the step's result""")
-        decision = ask(ctx, idx, self.name, signal, why, PERSON_ACTIONS)
+        return signal, why
+
+    def _value_fits(self, decision: dict[str, Any]) -> str | None:
+        """A value a person supplies must rebuild into the step's return type, or it
+        would be recorded and then fail every replay."""
+        if decision.get("action") != "value":
+            return None
+        try:
+            data, _ = _codec.encode(decision.get("value"), f"value for step {self.name!r}")
+            _codec.rebuild(_codec.decode(data), self.return_type,
+                           f"value for step {self.name!r}")
+        except SerializationError as exc:
+            return str(exc)
+        return None
+
+    @staticmethod
+    def _person_decided(drv: Driver, err: Exception,
+                        decision: dict[str, Any]) -> tuple[str, Any]:
         action = str(decision["action"])
         drv.history.append(f"escalated: a person chose {action}")
         if action == "retry":
@@ -412,6 +438,21 @@ class Step(Generic[P, R]):
         elif action in ("fallback", "abort"):
             pin_class(err, f"person:{action}")
         return action, decision.get("value")
+
+    def _ask_person(self, ctx: WorkflowContext, idx: int, drv: Driver, err: Exception,
+                    reason: str) -> tuple[str, Any]:
+        """Escalate a failure the policy cannot handle; blocking. Returns the person's
+        action and, for ``value``, the value."""
+        signal, why = self._person_question(ctx, idx, drv, err, reason)
+        decision = ask(ctx, idx, self.name, signal, why, PERSON_ACTIONS, self._value_fits)
+        return self._person_decided(drv, err, decision)
+
+    async def _ask_person_async(self, ctx: WorkflowContext, idx: int, drv: Driver,
+                                err: Exception, reason: str) -> tuple[str, Any]:
+        signal, why = self._person_question(ctx, idx, drv, err, reason)
+        decision = await ask_async(ctx, idx, self.name, signal, why, PERSON_ACTIONS,
+                                   self._value_fits)
+        return self._person_decided(drv, err, decision)
 
     def _give_up_sync(self, ctx: WorkflowContext, idx: int, plan: _effects.Plan | None,
                       drv: Driver, error: Exception, reason: str | None) -> R:
@@ -495,10 +536,6 @@ class Step(Generic[P, R]):
         if drv.final_error is not None:
             return await self._give_up_async(ctx, idx, plan, drv, drv.final_error, None)
 
-        def wait(secs: float) -> None:  # in a worker thread, while admission blocks
-            ctx.cancel_event.wait(secs)
-            ctx.check_interrupt()
-
         while True:
             delay = drv.next_attempt()
             if delay > 0:
@@ -515,10 +552,7 @@ class Step(Generic[P, R]):
                 failure: BaseException | None = None
                 try:
                     if self._guarded:
-                        if self._admission_is_cheap(ctx):
-                            self._admit(ctx, drv, wait)  # a closed breaker seen just now
-                        else:
-                            await asyncio.to_thread(self._admit, ctx, drv, wait)
+                        await self._admit_async(ctx, drv)
                     if _faults.ENABLED:
                         _faults.point(f"step {self.name!r}: before body")
                     result, note = await self._body_async(ctx, drv, args, kwargs)
@@ -543,8 +577,7 @@ class Step(Generic[P, R]):
                     continue
                 reason = decision.reason
                 if decision.escalate:
-                    action, value = await asyncio.to_thread(self._ask_person, ctx, idx, drv,
-                                                            err, reason)
+                    action, value = await self._ask_person_async(ctx, idx, drv, err, reason)
                     if action == "retry":
                         continue
                     if action == "value":

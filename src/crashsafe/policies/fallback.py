@@ -7,9 +7,12 @@ which is journaled too. So after a crash, replay meets the same failures and the
 answer in the same order: the chain never switches model on recovery.
 
 The chain moves on after a failure whose class allows it (see ``ClassRule.fallback``:
-rate limits, overload, server errors, timeouts, context overflow, content policy, an
-open breaker); a bad request or an auth failure is raised at once, since another model
-would not fix it. ``on=`` replaces that rule with a predicate of your own.
+rate limits, overload, server errors, timeouts, context overflow, content policy,
+auth and quota — another provider or account may work — and an open breaker); a bad
+request is raised at once, since another model would not fix it. ``on=`` replaces
+that rule with a predicate of your own; it receives what the workflow sees (for
+provider errors crashsafe does not rebuild, a :class:`~crashsafe.StepError` whose
+``type_name`` and ``failure_class`` describe the original).
 """
 
 from __future__ import annotations

@@ -74,9 +74,10 @@ class Outcome:
 
 def run_sync(calls: list[Callable[[], Any]], delay: float,
              check: Callable[[], None]) -> Outcome:
-    """Run ``calls[0]``; every ``delay`` seconds without a success start the next one.
-    Returns the first success; if all fail, raises the last failure. ``check`` is
-    called while waiting and may raise to stop (cancellation, shutdown)."""
+    """Run ``calls[0]``; every ``delay`` seconds without an answer start the next one.
+    Returns the first success; when every call started so far has failed, raises the
+    last failure. ``check`` is called while waiting and may raise to stop
+    (cancellation, shutdown)."""
     results: queue.SimpleQueue[tuple[int, bool, Any]] = queue.SimpleQueue()
     t0 = time.monotonic()
     started: list[float] = []
@@ -112,10 +113,10 @@ def run_sync(calls: list[Callable[[], Any]], delay: float,
         failed += 1
         if failed < len(started):
             continue
-        if not more:
-            raise value
-        launch(len(started))  # nothing left in flight: hedge at once
-        next_launch = time.monotonic() - t0 + delay
+        # Every call made so far failed: that is the attempt's failure, for the retry
+        # policy to judge. Hedges answer slowness, never failures (a hedge after a
+        # failure would be a retry that bypasses the policy).
+        raise value
 
 
 async def run_async(calls: list[Callable[[], Awaitable[Any]]], delay: float) -> Outcome:
@@ -144,8 +145,8 @@ async def run_async(calls: list[Callable[[], Awaitable[Any]]], delay: float) -> 
                 if exc is None:
                     return Outcome(task.result(), i, started, time.monotonic() - t0)
                 last = exc
-            if not tasks and len(started) < len(calls):
-                launch(len(started))
+            if not tasks:
+                break  # every call made failed: the attempt failed (see run_sync)
         raise last if last is not None else RuntimeError("hedge: no call was made")
     finally:
         for task in tasks:

@@ -151,11 +151,14 @@ class Resilience:
         return self.store.update_shared(f"budget:{budget.name}", step)
 
     # -- rate and concurrency limits ------------------------------------------------------
-    def acquire(self, lim: Limit, who: str, wait_fn: Callable[[float], None]) -> None:
-        """Block (through ``wait_fn``, which may raise to stop) until ``lim`` admits
-        ``who``. Rate-limit tokens are taken in batches of a tenth of the burst and
-        spent locally, so a busy process writes to the store once per batch."""
+    def try_acquire(self, lim: Limit, who: str) -> float:
+        """Take ``lim`` for ``who`` without waiting: 0.0 when taken, else the seconds
+        after which trying again may succeed. Rate-limit tokens are taken in batches of
+        a tenth of the burst and spent locally, so a busy process writes to the store
+        once per batch (never more than the shared rate: unused tokens are dropped)."""
         if isinstance(lim, RateLimit):
+            if self._spend_local(lim):
+                return 0.0
             rate = lim
             batch = max(1, int(float(lim.burst) * 0.1))  # type: ignore[arg-type]
 
@@ -167,23 +170,25 @@ class Resilience:
                 doc, wait = _l.take_rate(rate, raw, now)  # none left: how long to wait
                 return doc, (wait, 0)
 
-            while not self._spend_local(rate):
-                wait, got = self.store.update_shared(rate.key, take_batch)
-                if got:
-                    self._keep_local(rate, got - 1)
-                    return
-                wait_fn(min(wait, 1.0))
-            return
+            wait, got = self.store.update_shared(rate.key, take_batch)
+            if got:
+                self._keep_local(rate, got - 1)
+                return 0.0
+            return max(wait, 0.001)
         conc = lim
 
         def take(raw: bytes | None, now: float) -> tuple[bytes | None, float]:
             return _l.take_slot(conc, raw, now, who)
 
-        while True:
-            delay = self.store.update_shared(lim.key, take)
-            if delay <= 0:
-                return
-            wait_fn(min(delay, 1.0))
+        return self.store.update_shared(lim.key, take)
+
+    def acquire(self, lim: Limit, who: str, wait_fn: Callable[[float], None]) -> None:
+        """Block (through ``wait_fn``, which may raise to stop) until ``lim`` admits
+        ``who``; a freed slot is noticed within a tenth of a second."""
+        poll = 0.01
+        while (wait := self.try_acquire(lim, who)) > 0:
+            wait_fn(min(wait, poll))
+            poll = min(poll * 2, 0.1)
 
     def _spend_local(self, lim: RateLimit) -> bool:
         """Use a token this process took earlier in a batch, if one is still fresh."""
