@@ -162,6 +162,53 @@ def ls_cmd(
     out.print(table)
 
 
+@cli.command("verify")
+def verify_cmd(
+    as_json: JsonOption = False,
+    db: DbOption = None,
+) -> None:
+    """Check every stored record's checksum (and, with $CRASHSAFE_KEYS, that it
+    decrypts): exit 1 and list the bad records if any."""
+    from rich.progress import Progress
+
+    from .._keys import Keyring
+    from .._seal import Sealer
+    from .._verify import verify
+    from ..stores import open_raw_store
+    from ..stores.sealed import ENCRYPTION_MARK
+
+    url = _url(db)
+    try:
+        _open_existing(url).close()  # the friendly "no database at ..." check
+        raw = open_raw_store(url)
+        keyring = Keyring.from_env()
+        if keyring is None and raw.read_shared(ENCRYPTION_MARK)[0] is not None:
+            raw.close()
+            raise _fail(f"{url!r} is encrypted: set $CRASHSAFE_KEYS to its keyring to verify "
+                        "it")
+        with Progress(console=err, transient=True, disable=as_json) as bar:
+            task = bar.add_task("verifying", total=None)
+            report = verify(raw, Sealer(keyring),
+                            lambda done, total: bar.update(task, completed=done, total=total))
+        raw.close()
+    except CrashsafeError as exc:
+        raise _fail(str(exc)) from None
+    if as_json:
+        out.print_json(json.dumps({
+            "workflows": report.workflows, "records": report.records,
+            "bad": [dataclasses.asdict(b) for b in report.bad]}))
+    else:
+        out.print(f"checked {report.records} records of {report.workflows} workflows",
+                  highlight=False)
+        for b in report.bad:
+            out.print(Text(f"BAD {b.workflow_id} #{b.index} {b.kind}: {b.reason}",
+                           style="red"))
+        out.print("all records intact" if report.ok else f"{len(report.bad)} bad record(s)",
+                  highlight=False)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
 _BREAKER_STYLE = {"closed": "green", "open": "bold red", "half_open": "yellow"}
 
 
