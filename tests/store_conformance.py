@@ -740,3 +740,42 @@ def writes_with_a_stale_token_are_refused(factory: StoreFactory) -> None:
         (done,) = store.apply([[FinishWorkflow("w1", "new", Status.SUCCEEDED, b"1", at=3.0,
                                                token=1)]])
         assert done is None and must_get(store, "w1").status is Status.SUCCEEDED
+
+
+@check
+def rewrite_payloads_visits_every_payload_of_one_workflow(factory: StoreFactory) -> None:
+    from crashsafe.stores.base import AttemptRecord, CompleteEffect
+
+    with opened(factory) as store:
+        for wid in ("w1", "w2"):
+            store.create_workflow(wf(wid, inputs=b"in-" + wid.encode()))
+            store.apply([[entry(wid, 0, output=b"out0"),
+                          JournalEntry(wid, 1, "step", "s", None, b"err1", 1, 1.0, 2.0),
+                          AttemptRecord(wid, 1, 1, "s", 1.0, 2.0, "unknown", b"att1")]])
+            store.begin_effect(wid, 2, "pay", f"key-{wid}", "h", 1.0)
+            store.apply([[entry(wid, 2, output=b"eff"),
+                          CompleteEffect(f"key-{wid}", wid, 2, b"eff-out", None, 3.0)]])
+            store.send_signal(wid, "approval", b"yes", 4.0)
+        seen: list[tuple[int, str, bytes]] = []
+
+        def upper(index: int, kind: str, data: bytes) -> bytes | None:
+            seen.append((index, kind, data))
+            return data.upper() if kind != "output" or index != 2 else None
+
+        changed = store.rewrite_payloads("w1", upper)
+        assert sorted(seen) == sorted([
+            (-1, "inputs", b"in-w1"), (0, "output", b"out0"), (1, "error", b"err1"),
+            (1, "attempt-error:1", b"att1"), (2, "output", b"eff"),
+            (2, "effect-output", b"eff-out"), (0, "signal:approval", b"yes")])
+        assert changed == len(seen) - 1
+        assert must_get(store, "w1").inputs == b"IN-W1"
+        assert [(e.output, e.error) for e in store.load_journal("w1")] == [
+            (b"OUT0", None), (None, b"ERR1"), (b"eff", None)]
+        assert store.load_attempts("w1")[0].error == b"ATT1"
+        effect = store.get_effect("key-w1")
+        assert effect is not None and effect.output == b"EFF-OUT"
+        assert store.get_signal("w1", "approval", 0) == b"YES"
+        # The other workflow is untouched.
+        assert must_get(store, "w2").inputs == b"in-w2"
+        assert store.get_signal("w2", "approval", 0) == b"yes"
+        assert store.rewrite_payloads("nobody", upper) == 0

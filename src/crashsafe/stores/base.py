@@ -248,6 +248,9 @@ Op = (JournalEntry | FinishWorkflow | CreateWorkflow | MarkWaiting | CompleteEff
 
 T = TypeVar("T")
 
+PayloadRewrite = Callable[[int, str, bytes], bytes | None]
+"""``fn(index, kind, stored) -> replacement or None`` for :meth:`Store.rewrite_payloads`."""
+
 SharedUpdate = Callable[[bytes | None, float], tuple[bytes | None, T]]
 """``fn(current_value, store_now) -> (new_value, result)`` for
 :meth:`Store.update_shared`; returning the current value unchanged writes nothing."""
@@ -449,6 +452,15 @@ class Store(Protocol):
         more than ``queue_limit`` of the queue running at once across all owners. Each
         becomes ``running`` with a new fencing token. One item is never handed to two
         callers. Returns the taken records."""
+        ...
+
+    def rewrite_payloads(self, workflow_id: str, fn: PayloadRewrite) -> int:
+        """Maintenance (key rotation): in one transaction, call ``fn(index, kind, data)``
+        for every payload stored for ``workflow_id`` — its own ``inputs``/``output``/
+        ``error`` at index -1, journal ``output``/``error``, ``attempt-error:N``,
+        ``effect-output``/``effect-error`` of the effects it recorded, and
+        ``signal:NAME`` (index 0) — and store what it returns instead (None: keep).
+        Returns how many payloads changed."""
         ...
 
     def clock(self) -> float:

@@ -11,6 +11,7 @@ import copy
 import threading
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from ..exceptions import StoreConflictError
 from .base import (
@@ -28,6 +29,7 @@ from .base import (
     ListFilter,
     MarkWaiting,
     Op,
+    PayloadRewrite,
     Requeue,
     SharedUpdate,
     Status,
@@ -315,6 +317,38 @@ class MemoryStore:
 
     def clock(self) -> float:
         return time.time()
+
+    def rewrite_payloads(self, workflow_id: str, fn: PayloadRewrite) -> int:
+        with self._lock:
+            changed = 0
+
+            def redo(obj: Any, attr: str, index: int, kind: str) -> None:
+                nonlocal changed
+                data = getattr(obj, attr)
+                if data is not None and (new := fn(index, kind, data)) is not None:
+                    setattr(obj, attr, new)
+                    changed += 1
+
+            rec = self._workflows.get(workflow_id)
+            if rec is not None:
+                for attr in ("inputs", "output", "error"):
+                    redo(rec, attr, -1, attr)
+            for e in self._journal.get(workflow_id, {}).values():
+                redo(e, "output", e.index, "output")
+                redo(e, "error", e.index, "error")
+            for a in self._attempts.get(workflow_id, {}).values():
+                redo(a, "error", a.index, f"attempt-error:{a.attempt}")
+            for row in self._effects.values():
+                if row.workflow_id == workflow_id:
+                    redo(row, "output", row.index, "effect-output")
+                    redo(row, "error", row.index, "effect-error")
+            for (wid, name), queue in self._signals.items():
+                if wid == workflow_id:
+                    for i, payload in enumerate(queue):
+                        if (new := fn(0, f"signal:{name}", payload)) is not None:
+                            queue[i] = new
+                            changed += 1
+            return changed
 
     def load_attempts(self, workflow_id: str) -> list[AttemptRecord]:
         with self._lock:

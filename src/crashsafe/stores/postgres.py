@@ -57,6 +57,7 @@ from ..exceptions import (
     StoreError,
     StoreUnavailableError,
 )
+from ._payload_sql import rewrite_rows
 from ._postgres_sql import (
     ATTEMPT_COLS,
     CLEAR_INTENT,
@@ -105,6 +106,7 @@ from .base import (
     JournalEntry,
     ListFilter,
     Op,
+    PayloadRewrite,
     Requeue,
     SharedUpdate,
     Status,
@@ -887,6 +889,12 @@ class PostgresStore:
             return taken
 
         return self._run(f"taking work from queue {queue!r}", body)
+
+    def rewrite_payloads(self, workflow_id: str, fn: PayloadRewrite) -> int:
+        def body(conn: Conn) -> int:
+            return rewrite_rows(conn, workflow_id, fn, "%s")
+
+        return self._run(f"rewriting the records of workflow {workflow_id!r}", body)
 
     def clock(self) -> float:
         return float(self._read(f"SELECT {NOW}")[0][0])

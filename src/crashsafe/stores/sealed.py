@@ -36,6 +36,7 @@ from .base import (
     JournalEntry,
     ListFilter,
     Op,
+    PayloadRewrite,
     SharedUpdate,
     Status,
     Store,
@@ -224,6 +225,10 @@ class SealedStore:
 
     def clock(self) -> float:
         return self.inner.clock()
+
+    def rewrite_payloads(self, workflow_id: str, fn: PayloadRewrite) -> int:
+        """Passed through: ``fn`` sees the sealed bytes (this is how keys are rotated)."""
+        return self.inner.rewrite_payloads(workflow_id, fn)
 
     def register_executor(self, record: ExecutorRecord) -> None:
         self.inner.register_executor(record)

@@ -30,6 +30,7 @@ from ..exceptions import (
     StoreFullError,
     StoreUnavailableError,
 )
+from ._payload_sql import rewrite_rows
 from .base import (
     AttemptRecord,
     ClaimResult,
@@ -43,6 +44,7 @@ from .base import (
     ListFilter,
     MarkWaiting,
     Op,
+    PayloadRewrite,
     Requeue,
     SharedUpdate,
     Status,
@@ -797,6 +799,10 @@ class SQLiteStore:
                 "reason = NULL WHERE id = ? AND status = 'enqueued'",
                 [(owner, r.token, now, r.id) for r in taken])
             return taken
+
+    def rewrite_payloads(self, workflow_id: str, fn: PayloadRewrite) -> int:
+        with self._write(f"rewriting the records of workflow {workflow_id!r}") as conn:
+            return rewrite_rows(conn, workflow_id, fn, "?")
 
     def clock(self) -> float:
         # SQLite reads the operating system's clock itself, below anything a process
