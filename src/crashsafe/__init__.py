@@ -22,6 +22,7 @@ from ._escalation import Escalation
 from ._handle import WorkflowHandle
 from ._locks import Lock, LockLostError, LockTimeoutError
 from ._queues import Queue
+from ._secrets import Secret
 from ._step import Step
 from ._transact import TransactionConnection
 from ._workflow import Workflow
@@ -90,6 +91,7 @@ __all__ = [
     "RetryBudget",
     "RetryBudgetExhaustedError",
     "RetryPolicy",
+    "Secret",
     "SerializationError",
     "Status",
     "Step",
