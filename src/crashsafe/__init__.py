@@ -5,6 +5,12 @@ left off: completed steps return their recorded results instead of running again
 """
 
 from ._app import App
+from ._checkpoint import (
+    CheckpointInfo,
+    CheckpointNotFoundError,
+    StateDivergenceError,
+    checkpoint,
+)
 from ._context import Current, current
 from ._durable import (
     now,
@@ -66,6 +72,8 @@ __version__ = "0.1.0"
 __all__ = [
     "NOT_APPLIED",
     "App",
+    "CheckpointInfo",
+    "CheckpointNotFoundError",
     "CircuitBreaker",
     "CircuitOpenError",
     "ConcurrencyLimit",
@@ -93,6 +101,7 @@ __all__ = [
     "RetryPolicy",
     "Secret",
     "SerializationError",
+    "StateDivergenceError",
     "Status",
     "Step",
     "StepCrashedError",
@@ -111,6 +120,7 @@ __all__ = [
     "WorkflowFailedError",
     "WorkflowHandle",
     "__version__",
+    "checkpoint",
     "classify",
     "current",
     "fallback",

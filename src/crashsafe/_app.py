@@ -12,7 +12,9 @@ from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any, Concatenate, ParamSpec, TypeVar, overload
 
+from . import _checkpoint as _ckpt
 from . import _codec
+from ._checkpoint import CheckpointInfo
 from ._commit import GroupCommitter
 from ._context import _STEP, _WORKFLOW, WorkflowContext, _Suspend
 from ._escalation import Escalation
@@ -114,6 +116,7 @@ class App:
         recovery_interval: float | timedelta = 5.0,
         effect_retention: float | timedelta | None = None,
         on_escalate: Callable[[Escalation], Any] | None = None,
+        checkpoint_full_every: int = 10,
     ) -> None:
         if store is not None and url is not None:
             raise ConfigurationError("pass either a URL or a store, not both")
@@ -131,6 +134,11 @@ class App:
         self.effect_retention = seconds(effect_retention, "effect_retention")
         # Called when a workflow parks to ask a person (see crashsafe._escalation).
         self.on_escalate = on_escalate
+        if not isinstance(checkpoint_full_every, int) or checkpoint_full_every < 1:
+            raise ConfigurationError("checkpoint_full_every must be an int >= 1")
+        # A checkpoint is a full snapshot after this many deltas (reads apply at most
+        # this many).
+        self.checkpoint_full_every = checkpoint_full_every
         self.executor_id = f"{HOSTNAME}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
         self._workflows: dict[str, dict[str, Workflow[Any, Any]]] = {}
         self._latest: dict[str, Workflow[Any, Any]] = {}
@@ -824,6 +832,57 @@ class App:
     def journal(self, workflow_id: str) -> list[JournalEntry]:
         self.get_workflow(workflow_id)
         return self.store.load_journal(workflow_id)
+
+    # -- checkpoints, fork -----------------------------------------------------------------
+    def checkpoints(self, workflow_id: str) -> list[CheckpointInfo]:
+        """The checkpoints a workflow recorded, oldest first."""
+        return _ckpt.infos(self.journal(workflow_id))
+
+    def checkpoint_state(self, workflow_id: str, at: int | str | None = None) -> Any:
+        """The agent state at a checkpoint (time travel): ``at`` is a label, ``"#N"``
+        (the N-th checkpoint), a journal index (the last checkpoint at or before it),
+        or None (the latest)."""
+        journal = self.journal(workflow_id)
+        return _ckpt.state_at(journal, _ckpt.resolve(journal, at))
+
+    def fork(self, workflow_id: str, *, at: int | str | None = None,
+             new_id: str | None = None) -> WorkflowHandle[Any]:
+        """Start a new workflow from a past point of ``workflow_id``.
+
+        The new one gets the same inputs and a copy of the journal up to the point
+        ``at`` names — a checkpoint (label, ``"#N"``, or None for the latest one,
+        included) or, as an int, a journal index (entries before it) — and runs from
+        there: replay returns the copied results, everything after runs anew (with new
+        idempotency keys, since they derive from the new id). Child workflows started
+        before the fork point are shared with the original, not copied.
+        """
+        rec = self.get_workflow(workflow_id)
+        wf = self._lookup(rec.name, rec.version)
+        journal = self.store.load_journal(workflow_id)
+        if isinstance(at, int) and not isinstance(at, bool):
+            cut = at
+        else:
+            cut = _ckpt.resolve(journal, at).index + 1
+        kept = [e for e in journal if e.index < cut and e.kind != "compensate"]
+        new = new_id or f"{workflow_id}~fork-{uuid.uuid4().hex[:8]}"
+        now = self.clock()
+        # Not registered here (the command line): the fork is created unowned and any
+        # serving process that registers the workflow resumes it.
+        copy = WorkflowRecord(new, rec.name, rec.version, Status.RUNNING, rec.inputs, now, now,
+                              owner=self.executor_id if wf is not None else None,
+                              reason=f"forked from {workflow_id!r} before index {cut}")
+        if wf is not None:
+            self.launch()
+        entries = [JournalEntry(new, e.index, e.kind, e.name, e.output, e.error, e.attempts,
+                                e.started_at, e.ended_at,
+                                f"copied from {workflow_id!r}" + (f"; {e.note}" if e.note
+                                                                  else ""))
+                   for e in kept]
+        self._committer.commit([CreateWorkflow(copy), *entries])
+        if wf is not None:
+            args, kwargs = wf.decode_inputs(rec.inputs, new)
+            self._run(wf, copy, args, kwargs, entries)
+        return WorkflowHandle(self, new)
 
     def signal(self, workflow_id: str, name: str, payload: Any = None) -> None:
         """Send the signal ``name`` with ``payload`` to a running or waiting workflow.

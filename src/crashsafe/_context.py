@@ -7,7 +7,7 @@ import threading
 import time
 from collections.abc import Sequence
 from contextvars import ContextVar
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .exceptions import NondeterminismError, NotInWorkflowError, WorkflowCancelled
 from .stores.base import AttemptRecord, FinishWorkflow, JournalEntry, MarkWaiting, Op
@@ -100,7 +100,8 @@ class WorkflowContext:
     """Everything one running workflow needs: its id, its journal, its cursor."""
 
     __slots__ = (
-        "_async_wake", "app", "attempts", "cancel_event", "check_only", "compensating",
+        "_async_wake", "app", "attempts", "cancel_event", "check_only", "checkpoint_state",
+        "compensating",
         "compensations", "diverged", "executed", "fresh", "hedges", "is_async", "journal",
         "next_index", "patches", "pending", "queue", "recorded", "replayed", "shutdown",
         "signal_event", "token", "waits", "workflow_id", "workflow_name",
@@ -124,6 +125,8 @@ class WorkflowContext:
         """The fencing token of this run's lease, stamped on every write it commits."""
         self.queue: str | None = None
         """The queue this workflow came from, if any."""
+        self.checkpoint_state: tuple[Any, int, int] | None = None
+        """(state, ordinal, ordinal of its last full snapshot) of the latest checkpoint."""
         """Started by this process just now: no attempt of it can have been recorded."""
         self.attempts: dict[int, list[AttemptRecord]] | None = None
         self.hedges = 0

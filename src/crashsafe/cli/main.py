@@ -331,6 +331,9 @@ def _preview(entry: JournalEntry, width: int = 60) -> Text:
 @cli.command("show")
 def show_cmd(
     workflow_id: Annotated[str, typer.Argument(help="The workflow id.")],
+    at: Annotated[str | None, typer.Option(
+        "--at", help="Print the agent state at a checkpoint instead: a label, #N (the "
+                     "N-th checkpoint), a journal index, or 'latest'.")] = None,
     as_json: JsonOption = False,
     db: DbOption = None,
 ) -> None:
@@ -338,6 +341,10 @@ def show_cmd(
     try:
         app = _open_app(db)
         rec = app.get_workflow(workflow_id)
+        if at is not None:
+            state = app.checkpoint_state(workflow_id, _checkpoint_ref(at))
+            out.print_json(json.dumps(state, default=str))
+            return
         journal = app.journal(workflow_id)
     except CrashsafeError as exc:
         raise _fail(str(exc)) from None
@@ -382,6 +389,31 @@ def show_cmd(
         except CrashsafeError as exc:
             result = f"<unreadable: {exc}>"
         out.print(f"[green]result:[/] {result[:200]}", highlight=False)
+
+
+def _checkpoint_ref(at: str) -> int | str | None:
+    if at == "latest":
+        return None
+    return int(at) if at.lstrip("-").isdigit() else at
+
+
+@cli.command("fork")
+def fork_cmd(
+    workflow_id: Annotated[str, typer.Argument(help="The workflow to fork.")],
+    at: Annotated[str, typer.Option(
+        "--at", help="A checkpoint (label, #N or 'latest', included) or a journal index "
+                     "(entries before it are kept).")] = "latest",
+    new_id: Annotated[str | None, typer.Option("--id", help="The new workflow's id.")] = None,
+    db: DbOption = None,
+) -> None:
+    """Start a new workflow from a past point of another: same inputs, the journal up
+    to that point; a serving worker with the workflow registered runs it."""
+    try:
+        app = _open_app(db)
+        handle = app.fork(workflow_id, at=_checkpoint_ref(at), new_id=new_id)
+    except CrashsafeError as exc:
+        raise _fail(str(exc)) from None
+    out.print(f"forked {workflow_id} into {handle.workflow_id}", highlight=False)
 
 
 @cli.command("cancel")
