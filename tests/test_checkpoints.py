@@ -7,6 +7,8 @@ import random as _random
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import crashsafe
 from crashsafe import App, Status
@@ -147,3 +149,80 @@ def test_show_at_and_fork_from_the_command_line(tmp_path: Any) -> None:
     assert handle.workflow_id == "cli-2" and handle.result(timeout=10) == 6
     assert [c.label for c in worker.checkpoints("cli-2")] == ["turn-0", "turn-1", "turn-2"]
     worker.close()
+
+
+def test_rollback_to_a_checkpoint_compensates_and_resumes(app: App) -> None:
+    ran: list[str] = []
+    undone: list[str] = []
+    answers = iter(["first answer", "second answer", "third answer"])
+
+    @app.step(name="send", compensate=lambda text: undone.append(text))
+    def send(text: str) -> str:
+        ran.append(text)
+        return text
+
+    @app.step(name="draft")
+    def draft() -> str:
+        return next(answers)
+
+    @app.workflow(name="mailer")
+    def mailer() -> str:
+        crashsafe.checkpoint({"stage": "start"}, label="start")
+        text = draft()
+        send(text)
+        crashsafe.checkpoint({"stage": "sent", "text": text}, label="sent")
+        return text
+
+    assert app.start(mailer, workflow_id="m1").result(timeout=10) == "first answer"
+    handle = app.rollback("m1", to="start", reason="the reply was wrong")
+    assert handle.result(timeout=10) == "second answer"  # draft and send ran again
+    assert ran == ["first answer", "second answer"]
+    assert undone == ["first answer"]  # the rolled-back send was compensated
+    audit = app.rewound("m1")
+    assert [(e.index, e.kind) for _, _, e in audit] == [(1, "step"), (2, "step"),
+                                                        (3, "checkpoint")]
+    assert all(why.startswith("the reply was wrong; 1 compensation(s) ran")
+               for _, why, _ in audit)
+    assert audit[0][2].output == b'"first answer"'  # kept readable for audit
+    assert app.checkpoint_state("m1", "sent") == {"stage": "sent", "text": "second answer"}
+    rec = app.get_workflow("m1")
+    assert rec.status is Status.SUCCEEDED and rec.token >= 1
+
+
+def test_rollback_from_the_command_line_and_show_lists_the_audit(tmp_path: Any) -> None:
+    from typer.testing import CliRunner
+
+    from crashsafe.cli.main import cli
+
+    url = f"sqlite:///{tmp_path}/rb.db"
+    app = App(url)
+    _chat(app, 3)
+    app.start("chat", 3, workflow_id="rb-1").result(timeout=10)
+    app.close()
+    runner = CliRunner()
+    res = runner.invoke(cli, ["--db", url, "rollback", "rb-1", "--to", "turn-0"])
+    assert res.exit_code == 0, res.output
+    assert "rolled back rb-1: 4 entries kept for audit" in res.output
+    res = runner.invoke(cli, ["--db", url, "show", "rb-1"])
+    assert "rolled back" in res.output and "#5 checkpoint turn-2" in res.output
+    worker = App(url)
+    _chat(worker, 3)
+    (handle,) = worker.recover()
+    assert handle.result(timeout=10) == 6
+    worker.close()
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=5),
+    lambda children: st.lists(children, max_size=4)
+    | st.dictionaries(st.text(max_size=3), children, max_size=4),
+    max_leaves=12)
+
+
+@given(_json, _json)
+def test_a_delta_always_rebuilds_the_new_state(old: Any, new: Any) -> None:
+    from crashsafe._checkpoint import diff, patch
+
+    assert patch(old, diff(old, new)) == new
+    grown = [old, new]
+    assert patch([old], diff([old], grown)) == grown  # a growing list: only the tail

@@ -884,6 +884,56 @@ class App:
             self._run(wf, copy, args, kwargs, entries)
         return WorkflowHandle(self, new)
 
+    def rollback(self, workflow_id: str, *, to: int | str | None = None,
+                 compensate: bool = True, reason: str | None = None) -> WorkflowHandle[Any]:
+        """Wind a workflow back and resume it from there.
+
+        ``to`` names the point: a checkpoint (label, ``"#N"``, or None for the latest
+        one, which is kept) or, as an int, a journal index (entries from it on are
+        rolled back). The rolled-back entries are kept for audit (``crashsafe show``
+        lists them); the compensations of rolled-back steps that have one run first,
+        newest first (at least once: a crash during the rollback runs them again when
+        it is repeated); then the workflow becomes ``running`` under a new fencing
+        token — a process still running it can no longer write — and a serving process
+        with it registered resumes it (this one at once).
+        """
+        rec = self.get_workflow(workflow_id)
+        journal = self.store.load_journal(workflow_id)
+        if isinstance(to, int) and not isinstance(to, bool):
+            cut = to
+        else:
+            cut = _ckpt.resolve(journal, to).index + 1
+        rolled = sorted((e for e in journal if e.index >= cut), key=lambda e: -e.index)
+        failed: list[str] = []
+        undone = 0
+        for e in rolled if compensate else []:
+            step = self._steps.get(e.name)
+            if e.kind != "step" or e.error is not None or step is None \
+                    or step.compensate is None or (e.note or "").startswith("deduplicated:"):
+                continue
+            value = _codec.rebuild(_codec.decode(e.output or b"null", "step result"),
+                                   step.return_type, f"result of step {e.name!r}")
+            try:
+                outcome = step.compensate(value)
+                if asyncio.iscoroutine(outcome):
+                    asyncio.run(outcome)
+                undone += 1
+            except Exception as exc:
+                failed.append(f"{e.name} (step {e.index}): {type(exc).__name__}: {exc}")
+        why = reason or f"rolled back to before index {cut}"
+        if undone or failed:
+            why += f"; {undone} compensation(s) ran" + (
+                f", {len(failed)} failed: {'; '.join(failed)}" if failed else "")
+        self.store.rewind(workflow_id, cut, why, self.clock())
+        if rec.name in self._workflows and self._launched:
+            self.recover()
+        return WorkflowHandle(self, workflow_id)
+
+    def rewound(self, workflow_id: str) -> list[tuple[float, str, JournalEntry]]:
+        """The entries rolled back from a workflow, kept for audit: ``(when, why, entry)``."""
+        self.get_workflow(workflow_id)
+        return self.store.load_rewound(workflow_id)
+
     def signal(self, workflow_id: str, name: str, payload: Any = None) -> None:
         """Send the signal ``name`` with ``payload`` to a running or waiting workflow.
 

@@ -70,12 +70,12 @@ class CheckpointInfo:
 def diff(old: Any, new: Any) -> Any:
     """A delta that :func:`patch` turns ``old`` into ``new`` with, or ``{"=": new}``."""
     if isinstance(old, dict) and isinstance(new, dict):
-        changed = {k: diff(old[k], v) for k, v in new.items()
+        changed = {k: (diff(old[k], v) if k in old else {"=": v}) for k, v in new.items()
                    if k not in old or old[k] != v}
         removed = [k for k in old if k not in new]
         out: dict[str, Any] = {}
         if changed:
-            out["set"] = {k: (d if k in old else {"=": new[k]}) for k, d in changed.items()}
+            out["set"] = changed
         if removed:
             out["del"] = removed
         if all(isinstance(k, str) for k in new) and all(isinstance(k, str) for k in old):

@@ -383,6 +383,14 @@ def show_cmd(
         out.print(table)
     else:
         out.print("(no journal entries yet)")
+    try:
+        rewound = app.rewound(workflow_id)
+    except CrashsafeError as exc:
+        rewound = []
+        out.print(f"[red]rolled-back entries unreadable: {exc}[/]", highlight=False)
+    for when, why, e in rewound:
+        out.print(Text(f"rolled back {_when(when)} ({why}): #{e.index} {e.kind} {e.name}",
+                       style="dim"))
     if rec.status is Status.SUCCEEDED:
         try:
             result = repr(_codec.decode(rec.output or b"null", "result"))
@@ -414,6 +422,28 @@ def fork_cmd(
     except CrashsafeError as exc:
         raise _fail(str(exc)) from None
     out.print(f"forked {workflow_id} into {handle.workflow_id}", highlight=False)
+
+
+@cli.command("rollback")
+def rollback_cmd(
+    workflow_id: Annotated[str, typer.Argument(help="The workflow to roll back.")],
+    to: Annotated[str, typer.Option(
+        "--to", help="A checkpoint (label, #N or 'latest', kept) or a journal index "
+                     "(entries from it on are rolled back).")] = "latest",
+    reason: Annotated[str | None, typer.Option(help="Why, for the record.")] = None,
+    db: DbOption = None,
+) -> None:
+    """Roll a workflow back (entries kept for audit) and let a serving worker resume it.
+    Compensations run only where the step's code is registered: from this command,
+    which registers none, none run — use app.rollback() in your program for those."""
+    try:
+        app = _open_app(db)
+        app.rollback(workflow_id, to=_checkpoint_ref(to), reason=reason)
+        moved = [e for _, _, e in app.rewound(workflow_id)]
+    except CrashsafeError as exc:
+        raise _fail(str(exc)) from None
+    out.print(f"rolled back {workflow_id}: {len(moved)} entr{'y' if len(moved) == 1 else 'ies'} "
+              "kept for audit; a serving worker resumes it", highlight=False)
 
 
 @cli.command("cancel")

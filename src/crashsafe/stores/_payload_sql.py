@@ -24,6 +24,8 @@ _PAYLOADS: list[tuple[str, str, str, str, list[tuple[str, str]]]] = [
      [("output", "'effect-output'"), ("error", "'effect-error'")]),
     ("signals", "workflow_id", "workflow_id, name, seq", "0",
      [("payload", "'signal:' || name")]),
+    ("rewound", "workflow_id", "workflow_id, rewound_at, idx", "idx",
+     [("output", "'output'"), ("error", "'error'")]),
 ]
 
 
@@ -47,3 +49,25 @@ def rewrite_rows(conn: Any, workflow_id: str, fn: PayloadRewrite, mark: str) -> 
                                  (new, *ids))
                     changed += 1
     return changed
+
+
+_ENTRY_COLS = "idx, kind, name, output, error, attempts, started_at, ended_at, note"
+
+
+def rewind_rows(conn: Any, workflow_id: str, from_index: int, reason: str, at: float,
+                mark: str) -> int:
+    """Shared by the SQL stores: :meth:`Store.rewind` inside the caller's transaction."""
+    p = mark
+    moved = conn.execute(
+        f"INSERT INTO rewound (workflow_id, rewound_at, reason, {_ENTRY_COLS}) "
+        f"SELECT workflow_id, {p}, {p}, {_ENTRY_COLS} FROM journal "
+        f"WHERE workflow_id = {p} AND idx >= {p}",
+        (at, reason, workflow_id, from_index)).rowcount
+    for table in ("journal", "attempts", "intents", "effects"):
+        conn.execute(f"DELETE FROM {table} WHERE workflow_id = {p} AND idx >= {p}",
+                     (workflow_id, from_index))
+    conn.execute(
+        f"UPDATE workflows SET status = 'running', owner = NULL, reason = {p}, output = NULL, "
+        f"error = NULL, token = token + 1, recovery_attempts = 0, updated_at = {p} "
+        f"WHERE id = {p}", (reason, at, workflow_id))
+    return int(moved)

@@ -36,7 +36,7 @@ from .base import (
 
 Conn = psycopg.Connection[tuple[Any, ...]]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # Each entry upgrades the schema from version i to i + 1. Never edit a shipped entry:
 # append a new one. Keys and ids use the "C" collation so ordering and prefix
@@ -141,6 +141,23 @@ MIGRATIONS: list[str] = [
         value bytea NOT NULL,
         updated_at double precision NOT NULL
     );
+    """,
+    """
+    CREATE TABLE rewound (
+        workflow_id text COLLATE "C" NOT NULL,
+        rewound_at double precision NOT NULL,
+        reason text NOT NULL,
+        idx integer NOT NULL,
+        kind text NOT NULL,
+        name text NOT NULL,
+        output bytea,
+        error bytea,
+        attempts integer NOT NULL,
+        started_at double precision NOT NULL,
+        ended_at double precision NOT NULL,
+        note text
+    );
+    CREATE INDEX rewound_workflow ON rewound (workflow_id, rewound_at, idx);
     """,
 ]
 

@@ -454,6 +454,20 @@ class Store(Protocol):
         callers. Returns the taken records."""
         ...
 
+    def rewind(self, workflow_id: str, from_index: int, reason: str, at: float) -> int:
+        """Roll a workflow back (``app.rollback``): in one transaction, move its journal
+        entries at ``from_index`` and after into the rewound-entries history (kept for
+        audit, see :meth:`load_rewound`), drop its attempt rows, intents and effect keys
+        from there on, and make it ``running`` and unowned with a new fencing token and
+        ``reason``, so a serving process resumes it (and any process still running it
+        is fenced off). Returns how many entries were moved."""
+        ...
+
+    def load_rewound(self, workflow_id: str) -> list[tuple[float, str, JournalEntry]]:
+        """Entries removed by :meth:`rewind`: ``(rewound_at, reason, entry)``, oldest
+        rewind first, then by index."""
+        ...
+
     def rewrite_payloads(self, workflow_id: str, fn: PayloadRewrite) -> int:
         """Maintenance (key rotation): in one transaction, call ``fn(index, kind, data)``
         for every payload stored for ``workflow_id`` — its own ``inputs``/``output``/

@@ -55,6 +55,7 @@ class MemoryStore:
         self._intents: set[tuple[str, int]] = set()
         self._attempts: dict[str, dict[tuple[int, int], AttemptRecord]] = {}
         self._shared: dict[str, tuple[bytes, float]] = {}
+        self._rewound: dict[str, list[tuple[float, str, JournalEntry]]] = {}
 
     # -- writes ---------------------------------------------------------------------
     def apply(self, batches: Sequence[Sequence[Op]]) -> list[BaseException | None]:
@@ -317,6 +318,34 @@ class MemoryStore:
 
     def clock(self) -> float:
         return time.time()
+
+    def rewind(self, workflow_id: str, from_index: int, reason: str, at: float) -> int:
+        with self._lock:
+            rec = self._workflows.get(workflow_id)
+            if rec is None:
+                return 0
+            journal = self._journal.get(workflow_id, {})
+            moved = sorted(i for i in journal if i >= from_index)
+            history = self._rewound.setdefault(workflow_id, [])
+            for i in moved:
+                history.append((at, reason, journal.pop(i)))
+            attempts = self._attempts.get(workflow_id, {})
+            for key in [k for k in attempts if k[0] >= from_index]:
+                del attempts[key]
+            self._intents = {k for k in self._intents
+                             if not (k[0] == workflow_id and k[1] >= from_index)}
+            for effect_key in [k for k, r in self._effects.items()
+                               if r.workflow_id == workflow_id and r.index >= from_index]:
+                del self._effects[effect_key]
+            rec.status, rec.owner, rec.reason = Status.RUNNING, None, reason
+            rec.output = rec.error = None
+            rec.token += 1
+            rec.recovery_attempts, rec.updated_at = 0, at
+            return len(moved)
+
+    def load_rewound(self, workflow_id: str) -> list[tuple[float, str, JournalEntry]]:
+        with self._lock:
+            return [(at, why, copy.copy(e)) for at, why, e in self._rewound.get(workflow_id, [])]
 
     def rewrite_payloads(self, workflow_id: str, fn: PayloadRewrite) -> int:
         with self._lock:

@@ -57,7 +57,7 @@ from ..exceptions import (
     StoreError,
     StoreUnavailableError,
 )
-from ._payload_sql import rewrite_rows
+from ._payload_sql import rewind_rows, rewrite_rows
 from ._postgres_sql import (
     ATTEMPT_COLS,
     CLEAR_INTENT,
@@ -889,6 +889,22 @@ class PostgresStore:
             return taken
 
         return self._run(f"taking work from queue {queue!r}", body)
+
+    def rewind(self, workflow_id: str, from_index: int, reason: str, at: float) -> int:
+        def body(conn: Conn) -> int:
+            return rewind_rows(conn, workflow_id, from_index, reason, at, "%s")
+
+        return self._run(f"rolling back workflow {workflow_id!r}", body)
+
+    def load_rewound(self, workflow_id: str) -> list[tuple[float, str, JournalEntry]]:
+        rows = self._read(
+            "SELECT rewound_at, reason, workflow_id, idx, kind, name, output, error, attempts, "
+            "started_at, ended_at, note FROM rewound WHERE workflow_id = %s "
+            "ORDER BY rewound_at, idx", (workflow_id,))
+        return [(r[0], r[1], JournalEntry(r[2], r[3], r[4], r[5],
+                                          None if r[6] is None else bytes(r[6]),
+                                          None if r[7] is None else bytes(r[7]),
+                                          r[8], r[9], r[10], r[11])) for r in rows]
 
     def rewrite_payloads(self, workflow_id: str, fn: PayloadRewrite) -> int:
         def body(conn: Conn) -> int:

@@ -226,6 +226,16 @@ class SealedStore:
     def clock(self) -> float:
         return self.inner.clock()
 
+    def rewind(self, workflow_id: str, from_index: int, reason: str, at: float) -> int:
+        return self.inner.rewind(workflow_id, from_index, reason, at)
+
+    def load_rewound(self, workflow_id: str) -> list[tuple[float, str, JournalEntry]]:
+        rows = self.inner.load_rewound(workflow_id)
+        for _, _, e in rows:
+            e.output = self._open(e.output, e.workflow_id, e.index, "output")
+            e.error = self._open(e.error, e.workflow_id, e.index, "error")
+        return rows
+
     def rewrite_payloads(self, workflow_id: str, fn: PayloadRewrite) -> int:
         """Passed through: ``fn`` sees the sealed bytes (this is how keys are rotated)."""
         return self.inner.rewrite_payloads(workflow_id, fn)

@@ -30,7 +30,7 @@ from ..exceptions import (
     StoreFullError,
     StoreUnavailableError,
 )
-from ._payload_sql import rewrite_rows
+from ._payload_sql import rewind_rows, rewrite_rows
 from .base import (
     AttemptRecord,
     ClaimResult,
@@ -55,7 +55,7 @@ from .base import (
     decide_claim,
 )
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 
 # Each entry upgrades the schema from version i to i + 1. Never edit a shipped entry:
 # append a new one.
@@ -173,6 +173,23 @@ MIGRATIONS: list[str] = [
     CREATE UNIQUE INDEX workflows_dedup ON workflows (queue, dedup_id)
         WHERE dedup_id IS NOT NULL
         AND status IN ('enqueued', 'running', 'waiting', 'cancelling');
+    """,
+    """
+    CREATE TABLE rewound (
+        workflow_id TEXT NOT NULL,
+        rewound_at REAL NOT NULL,
+        reason TEXT NOT NULL,
+        idx INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        name TEXT NOT NULL,
+        output BLOB,
+        error BLOB,
+        attempts INTEGER NOT NULL,
+        started_at REAL NOT NULL,
+        ended_at REAL NOT NULL,
+        note TEXT
+    );
+    CREATE INDEX rewound_workflow ON rewound (workflow_id, rewound_at, idx);
     """,
 ]
 
@@ -799,6 +816,17 @@ class SQLiteStore:
                 "reason = NULL WHERE id = ? AND status = 'enqueued'",
                 [(owner, r.token, now, r.id) for r in taken])
             return taken
+
+    def rewind(self, workflow_id: str, from_index: int, reason: str, at: float) -> int:
+        with self._write(f"rolling back workflow {workflow_id!r}") as conn:
+            return rewind_rows(conn, workflow_id, from_index, reason, at, "?")
+
+    def load_rewound(self, workflow_id: str) -> list[tuple[float, str, JournalEntry]]:
+        rows = self._read(
+            "SELECT rewound_at, reason, workflow_id, idx, kind, name, output, error, attempts, "
+            "started_at, ended_at, note FROM rewound WHERE workflow_id = ? "
+            "ORDER BY rewound_at, idx", (workflow_id,))
+        return [(r[0], r[1], JournalEntry(*r[2:])) for r in rows]
 
     def rewrite_payloads(self, workflow_id: str, fn: PayloadRewrite) -> int:
         with self._write(f"rewriting the records of workflow {workflow_id!r}") as conn:

@@ -1,0 +1,551 @@
+"""Production figures computed from what the store holds: the journal, the recorded
+attempts, the workflow rows and the breakers' documents.
+
+Nothing is counted in a process: every figure is derived from durable records, so it
+is the same whichever process computes it, after any number of restarts, on memory,
+SQLite or PostgreSQL. :func:`compute` reads only through the
+:class:`~crashsafe.stores.base.Store` protocol (give it ``app.store``: records are
+verified on their way out).
+
+Each field of :class:`Metrics` says exactly how it is computed. Three figures are
+**approximate** because the store keeps no per-recovery event log (when a crash was
+detected, when the workflow resumed): the number of recoveries of queued workflows,
+the recovery time and the recovery success rate. Their docstrings say what they
+bound. Figures whose records do not exist yet (checkpoint cost, token usage and cost)
+are None, with the reason in :attr:`Metrics.unavailable`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .. import _codec
+from .._effects import NOTE_PREFIX
+from .._errors import recorded_class
+from ..exceptions import ConfigurationError, CorruptRecordError, CrashsafeError
+from ..policies.breaker import BreakerState
+from ..policies.breaker import load as load_breaker
+from ..stores.base import AttemptRecord, JournalEntry, ListFilter, Status, Store, WorkflowRecord
+
+STUCK_AFTER = 1800.0
+"""A step still retrying this many seconds after its first attempt began is stuck."""
+FINISHED = frozenset({Status.SUCCEEDED, Status.FAILED, Status.CANCELLED})
+"""Statuses that end a workflow (a dead letter is parked, not finished: it can resume)."""
+DEDUPLICATED = "deduplicated: key "
+"""How an effect step's note starts when its key had already been applied."""
+RERUN_RESOLUTIONS = frozenset({"retried with the same key", "escalated, a person chose retry"})
+"""Resolutions of an unknown outcome that ran the effect's body again with the same key."""
+UNAVAILABLE = {
+    "checkpoint_latency_overhead": "checkpoint records are not in the journal yet "
+                                   "(agent-state checkpoints are a separate issue)",
+    "checkpoint_bytes_per_task": "checkpoint records are not in the journal yet "
+                                 "(agent-state checkpoints are a separate issue)",
+    "token_usage": "token usage is not recorded yet (the LLM client wrappers will record it)",
+    "cost": "cost is not recorded yet (the LLM client wrappers will record it)",
+}
+APPROXIMATE = {
+    "recoveries": "exact for workflows started directly (one fencing token per takeover); "
+                  "a lower bound for queued workflows, whose token also counts dequeues",
+    "recovery_time": "an upper bound: the longest pause in each recovered workflow's "
+                     "records, which contains its crash, detection and resumption; exact "
+                     "figures need a per-recovery event log",
+    "recovery_success_rate": "a workflow dead-lettered once and then resumed by hand counts "
+                             "by its current status; exact figures need a per-recovery "
+                             "event log",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Percentiles:
+    """Nearest-rank percentiles of durations in seconds: the p-th percentile is the
+    smallest value such that at least p % of the values are at or below it (so it is
+    always one of the values). All None when there are no values."""
+
+    count: int = 0
+    p50: float | None = None
+    p95: float | None = None
+    p99: float | None = None
+    max: float | None = None
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Percentiles:
+        if not values:
+            return cls()
+        ordered = sorted(values)
+
+        def rank(p: float) -> float:
+            return ordered[max(1, math.ceil(p / 100 * len(ordered))) - 1]
+
+        return cls(len(ordered), rank(50), rank(95), rank(99), ordered[-1])
+
+
+@dataclass(frozen=True, slots=True)
+class RetryingStep:
+    """A step call that failed at least once and has no result yet, in a workflow that is
+    still active or enqueued."""
+
+    workflow_id: str
+    workflow_name: str
+    index: int
+    step: str
+    attempts: int
+    """Attempts recorded so far (the one in flight or planned included)."""
+    first_started_at: float
+    span: float
+    """Seconds from its first attempt's start to the end of the window."""
+    last_failure: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerStats:
+    """One breaker's history, read from the ``[at, from, to, why]`` state changes its
+    document keeps (the last 20: older episodes are not visible)."""
+
+    name: str
+    state: str
+    """Its state at the end of the window."""
+    changes: int
+    """State changes within the window."""
+    trips: tuple[float, ...]
+    """When it went from closed to open within the window."""
+    longest_open: float
+    """The longest stretch it was not closed (open, or half-open probing) that overlaps
+    the window, in seconds, cut at the window's end; a stretch whose start fell out of
+    the kept history is measured from the oldest change kept (a lower bound)."""
+    open_since: float | None
+    """When the stretch still running at the window's end began (None: closed)."""
+
+    def most_trips_within(self, seconds: float) -> int:
+        """The most closed-to-open trips inside any interval of ``seconds``."""
+        best, first = 0, 0
+        for last, at in enumerate(self.trips):
+            while at - self.trips[first] > seconds:
+                first += 1
+            best = max(best, last - first + 1)
+        return best
+
+
+@dataclass(frozen=True, slots=True)
+class Metrics:
+    """The figures for one window (and optionally one workflow name).
+
+    An *event is in the window* when its time is at or after ``since`` (no lower bound
+    when None) and at or before ``until``. The *workflows of the window* are those
+    created at or before ``until`` that had not ended before ``since``: every active
+    or enqueued one, and every ended one whose last update is in the window or later.
+    Step figures count step journal entries (kind ``step``) by their ``ended_at``;
+    attempt figures count attempt rows by their ``ended_at``.
+    """
+
+    since: float | None
+    until: float
+    name: str | None
+    window_seconds: float | None
+    """``until - since``; without ``since``, from the oldest workflow read (None when no
+    workflow was read)."""
+
+    workflows: int
+    """Workflows of the window that were read."""
+    by_status: dict[str, int]
+    """Workflows of the window by their current status (every status, zeros included)."""
+
+    workflows_finished: int
+    """Workflows that ended (succeeded, failed or cancelled) with their last update in
+    the window."""
+    steps_finished: int
+    """Step journal entries (succeeded or failed) whose ``ended_at`` is in the window."""
+    workflow_throughput: float | None
+    """``workflows_finished / window_seconds`` (per second)."""
+    step_throughput: float | None
+    """``steps_finished / window_seconds`` (per second)."""
+    step_latency: Percentiles
+    """``ended_at - started_at`` of the window's step entries: from the first attempt's
+    start to the result's commit, retry delays included."""
+    workflow_latency: Percentiles
+    """``updated_at - created_at`` of workflows that succeeded or failed in the window
+    (time spent enqueued included)."""
+
+    step_calls: int
+    """The window's step entries, plus step calls that have attempt rows but no entry
+    yet (still retrying, or abandoned) whose latest attempt activity is in the window."""
+    retried_calls: int
+    """Of ``step_calls``, those that needed more than one attempt (an entry with
+    ``attempts > 1``, or any call still without an entry: a row exists only once a
+    first attempt failed and a retry was planned)."""
+    retry_rate: float | None
+    """``retried_calls / step_calls``."""
+    succeeded_after_retry: int
+    """Step entries of the window with ``attempts > 1`` and no error."""
+    success_after_retry_rate: float | None
+    """``succeeded_after_retry`` / step entries of the window with ``attempts > 1``
+    (calls still retrying are not decided yet and not counted)."""
+    retry_delays: int
+    """Attempt rows of the window with a planned delay."""
+    average_retry_delay: float | None
+    """Mean of those rows' ``delay``: the seconds planned before the next attempt
+    (backoff, or what a Retry-After asked for)."""
+
+    failed_attempts: int
+    """Failed attempts in the window: attempt rows with a failure class, plus failed step
+    entries whose final attempt has no such row (a first attempt that was not
+    retried), classed by the class recorded in their error. An entry whose error was
+    deduplicated from another step's key is that step's failure, not counted again."""
+    failure_counts: dict[str, int]
+    """``failed_attempts`` by failure class (``crashed``: an attempt cut off by a kill;
+    ``unknown`` also for errors recorded before classes were)."""
+    failure_mix: dict[str, float]
+    """``failure_counts`` as shares of ``failed_attempts``."""
+
+    retrying: tuple[RetryingStep, ...]
+    """Step calls of active or enqueued workflows that failed and are not finished, as
+    of ``until``, longest first."""
+    stuck_in_retries: int
+    """Of ``retrying``, those whose span exceeds :data:`STUCK_AFTER` (30 min)."""
+    longest_retry_span: float | None
+    """The longest span in ``retrying`` (0 when none; None when no workflow was read)."""
+
+    duplicate_effect_rate: float | None
+    """Effects crashsafe observed applied twice / ``step_calls``. Always 0 when there
+    were step calls: a key recorded as done is never applied again (such calls are
+    ``deduplicated_effects``, the mechanism working, not duplicates), and the only way
+    to apply an effect twice — running the body again after an unknown outcome, at a
+    receiver that ignores the idempotency key — happens outside the store. Its upper
+    bound is ``unknown_outcome_rerun_rate``."""
+    deduplicated_effects: int
+    """Effect steps of the window whose key had already been applied: they returned the
+    recorded outcome instead of applying the effect (note ``deduplicated: ...``)."""
+    unknown_outcomes: dict[str, int]
+    """Effect steps of the window whose outcome was unknown after a crash, by how it was
+    resolved (the text after ``outcome unknown after a crash:`` in the note; an
+    escalation is shown as ``escalated, a person chose ACTION``)."""
+    unknown_outcome_reruns: int
+    """Of those, the ones whose body ran again with the same key (``retried with the
+    same key``, or a person chose ``retry``)."""
+    unknown_outcome_rerun_rate: float | None
+    """``unknown_outcome_reruns / step_calls``: the duplicate-effect rate if no receiver
+    honoured the idempotency key (0 if all of them do)."""
+
+    recovered_workflows: int
+    """Workflows of the window taken over from a dead process at least once: a fencing
+    token above 0 (workflows started directly), or ``recovery_attempts`` or
+    ``recovery_mark`` above 0 (approximate for queued workflows, see ``APPROXIMATE``)."""
+    recoveries: int
+    """Takeovers of those workflows: the fencing token for workflows started directly,
+    else ``max(recovery_attempts, 1)`` (approximate: a lower bound)."""
+    recovery_success_rate: float | None
+    """Of recovered workflows that are no longer active or enqueued, the share that is
+    not a dead letter (approximate)."""
+    dead_lettered: int
+    """Workflows of the window that are dead letters."""
+    recovery_time: Percentiles
+    """Per recovered workflow, its longest pause without durable progress: between one
+    journal entry's ``ended_at`` and the next one's ``started_at`` (from ``created_at``
+    to the first entry for workflows not started from a queue; from a sleep's wake-up
+    time; never across a wait for a signal or a child workflow), the span of an attempt
+    recorded as ``crashed``, and from the last entry to the end of a workflow that
+    succeeded or failed. An upper bound of the time from its crash to its resumed
+    progress (approximate)."""
+
+    state_consistency: float | None
+    """Workflows of the window whose journal entries and attempt rows all passed their
+    integrity check (SHA-256, and decryption when encrypted) / workflows read.
+    ``crashsafe verify`` names the bad records."""
+    unreadable: tuple[str, ...]
+    """Ids of the workflows whose records failed that check."""
+
+    breakers: tuple[BreakerStats, ...]
+    """Every breaker in the store (breakers are shared by workflows: ``name`` does not
+    filter them)."""
+    breaker_changes: int
+    """State changes of all breakers within the window."""
+
+    checkpoint_latency_overhead: float | None = None
+    """Not available yet (see ``unavailable``)."""
+    checkpoint_bytes_per_task: float | None = None
+    """Not available yet (see ``unavailable``)."""
+    unavailable: dict[str, str] = field(default_factory=lambda: dict(UNAVAILABLE))
+    """Why each None-by-design figure is missing."""
+    approximate: dict[str, str] = field(default_factory=lambda: dict(APPROXIMATE))
+    """What each approximate figure bounds."""
+
+    def stuck(self, after: float = STUCK_AFTER) -> list[RetryingStep]:
+        """The retrying steps whose span exceeds ``after`` seconds."""
+        return [r for r in self.retrying if r.span > after]
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of every field."""
+        return asdict(self)
+
+
+def compute(store: Store, since: float | None = None, until: float | None = None,
+            name: str | None = None, *,
+            progress: Callable[[int, int], None] | None = None) -> Metrics:
+    """The figures of ``store`` for the window ``[since, until]`` (Unix seconds on the
+    store's clock; ``until`` None: now), for workflows named ``name`` (None: all).
+
+    Reads every workflow row of the window, its journal and its attempt rows (one
+    workflow at a time), and every breaker document. ``progress(done, total)`` is
+    called after each workflow. A workflow row that fails its integrity check makes
+    the listing fail (:class:`~crashsafe.CorruptRecordError`: run ``crashsafe
+    verify``); a bad journal entry or attempt row only marks its workflow unreadable.
+    """
+    now = store.clock()
+    end = now if until is None else float(until)
+    if since is not None and since > end:
+        raise ConfigurationError(f"the window starts ({since}) after it ends ({end}); "
+                                 "give since <= until")
+    tally = _Tally(since, end)
+    rows = [r for r in store.list_workflows(ListFilter(name=name, limit=10**9))
+            if tally.in_window(r)]
+    for n, rec in enumerate(rows, 1):
+        try:
+            journal, attempts = store.load_journal(rec.id), store.load_attempts(rec.id)
+        except CorruptRecordError:
+            tally.unreadable.append(rec.id)
+        else:
+            tally.add(rec, journal, attempts)
+        if progress is not None:
+            progress(n, len(rows))
+    breakers = tuple(_breaker(key, raw, since, end)
+                     for key, raw, _ in store.list_shared("breaker:"))
+    return tally.result(name, len(rows), breakers)
+
+
+class _Tally:
+    """What :func:`compute` accumulates while it reads workflows one at a time."""
+
+    def __init__(self, since: float | None, until: float) -> None:
+        self.since, self.until = since, until
+        self.lo = -math.inf if since is None else since
+        self.oldest: float | None = None
+        self.by_status: Counter[str] = Counter()
+        self.finished = 0
+        self.workflow_latencies: list[float] = []
+        self.step_latencies: list[float] = []
+        self.step_calls = self.retried = self.retried_done = self.retried_ok = 0
+        self.delays: list[float] = []
+        self.failures: Counter[str] = Counter()
+        self.retrying: list[RetryingStep] = []
+        self.deduplicated = self.reruns = 0
+        self.unknown: Counter[str] = Counter()
+        self.recovered = self.recoveries = self.recovered_ended = self.recovered_dead = 0
+        self.pauses: list[float] = []
+        self.unreadable: list[str] = []
+
+    def inside(self, t: float) -> bool:
+        return self.lo <= t <= self.until
+
+    def in_window(self, rec: WorkflowRecord) -> bool:
+        if rec.created_at > self.until:
+            return False
+        return not (rec.status.terminal and rec.updated_at < self.lo)
+
+    def add(self, rec: WorkflowRecord, journal: list[JournalEntry],
+            attempts: list[AttemptRecord]) -> None:
+        self.oldest = rec.created_at if self.oldest is None else min(self.oldest,
+                                                                     rec.created_at)
+        self.by_status[rec.status.value] += 1
+        if rec.status in FINISHED and self.inside(rec.updated_at):
+            self.finished += 1
+            if rec.status is not Status.CANCELLED:
+                self.workflow_latencies.append(rec.updated_at - rec.created_at)
+        rows: dict[int, list[AttemptRecord]] = {}
+        for a in attempts:
+            rows.setdefault(a.index, []).append(a)
+            if a.ended_at is not None and self.inside(a.ended_at):
+                if a.failure_class:
+                    self.failures[a.failure_class] += 1
+                if a.delay is not None:
+                    self.delays.append(a.delay)
+        for e in journal:
+            if e.kind == "step" and self.inside(e.ended_at):
+                self._step(e, rows.get(e.index, []))
+        finished = {e.index for e in journal}
+        for index, calls in rows.items():
+            if index not in finished:
+                self._unfinished(rec, index, calls)
+        self._recovery(rec, journal, attempts)
+
+    def _step(self, e: JournalEntry, rows: list[AttemptRecord]) -> None:
+        self.step_calls += 1
+        self.step_latencies.append(e.ended_at - e.started_at)
+        if e.attempts > 1:
+            self.retried += 1
+            self.retried_done += 1
+            self.retried_ok += e.error is None
+        note = e.note or ""
+        deduplicated = DEDUPLICATED in note
+        self.deduplicated += deduplicated
+        closed = any(r.attempt == e.attempts and r.failure_class for r in rows)
+        if e.error is not None and not deduplicated and not closed:
+            self.failures[_error_class(e.error)] += 1
+        if NOTE_PREFIX in note:
+            how = _resolution(note)
+            self.unknown[how] += 1
+            self.reruns += how in RERUN_RESOLUTIONS
+
+    def _unfinished(self, rec: WorkflowRecord, index: int, rows: list[AttemptRecord]) -> None:
+        seen = [r for r in rows if r.started_at <= self.until]
+        if not seen:
+            return
+        latest = max(max(r.started_at, r.ended_at or 0.0) for r in seen)
+        if self.inside(latest):
+            self.step_calls += 1
+            self.retried += 1
+        if rec.status.active or rec.status is Status.ENQUEUED:
+            failed = [r.failure_class for r in seen if r.failure_class]
+            self.retrying.append(RetryingStep(
+                rec.id, rec.name, index, seen[0].step, seen[-1].attempt, seen[0].started_at,
+                self.until - seen[0].started_at, failed[-1] if failed else None))
+
+    def _recovery(self, rec: WorkflowRecord, journal: list[JournalEntry],
+                  attempts: list[AttemptRecord]) -> None:
+        n = rec.token if rec.queue is None else 0
+        if rec.recovery_attempts or rec.recovery_mark:
+            n = max(n, rec.recovery_attempts, 1)
+        if not n:
+            return
+        self.recovered += 1
+        self.recoveries += n
+        if rec.status.terminal:
+            self.recovered_ended += 1
+            self.recovered_dead += rec.status is Status.DEAD_LETTER
+        pause = _longest_pause(rec, journal, attempts)
+        if pause is not None:
+            self.pauses.append(pause)
+
+    def result(self, name: str | None, read: int,
+               breakers: tuple[BreakerStats, ...]) -> Metrics:
+        start = self.since if self.since is not None else self.oldest
+        window = self.until - start if start is not None else None
+        if window is not None and window <= 0:
+            window = None
+        failed = sum(self.failures.values())
+        readable = read - len(self.unreadable)
+        retrying = tuple(sorted(self.retrying, key=lambda r: -r.span))
+        return Metrics(
+            since=self.since, until=self.until, name=name, window_seconds=window,
+            workflows=readable,
+            by_status={s.value: self.by_status[s.value] for s in Status},
+            workflows_finished=self.finished,
+            steps_finished=len(self.step_latencies),
+            workflow_throughput=_per(self.finished, window),
+            step_throughput=_per(len(self.step_latencies), window),
+            step_latency=Percentiles.of(self.step_latencies),
+            workflow_latency=Percentiles.of(self.workflow_latencies),
+            step_calls=self.step_calls, retried_calls=self.retried,
+            retry_rate=_ratio(self.retried, self.step_calls),
+            succeeded_after_retry=self.retried_ok,
+            success_after_retry_rate=_ratio(self.retried_ok, self.retried_done),
+            retry_delays=len(self.delays),
+            average_retry_delay=(sum(self.delays) / len(self.delays)) if self.delays else None,
+            failed_attempts=failed,
+            failure_counts=dict(self.failures.most_common()),
+            failure_mix={k: v / failed for k, v in self.failures.most_common()},
+            retrying=retrying,
+            stuck_in_retries=sum(r.span > STUCK_AFTER for r in retrying),
+            longest_retry_span=(retrying[0].span if retrying else 0.0) if read else None,
+            duplicate_effect_rate=0.0 if self.step_calls else None,
+            deduplicated_effects=self.deduplicated,
+            unknown_outcomes=dict(self.unknown.most_common()),
+            unknown_outcome_reruns=self.reruns,
+            unknown_outcome_rerun_rate=_ratio(self.reruns, self.step_calls),
+            recovered_workflows=self.recovered, recoveries=self.recoveries,
+            recovery_success_rate=_ratio(self.recovered_ended - self.recovered_dead,
+                                         self.recovered_ended),
+            dead_lettered=self.by_status[Status.DEAD_LETTER.value],
+            recovery_time=Percentiles.of(self.pauses),
+            state_consistency=_ratio(readable, read),
+            unreadable=tuple(self.unreadable),
+            breakers=breakers,
+            breaker_changes=sum(b.changes for b in breakers),
+        )
+
+
+def _ratio(part: int, whole: int) -> float | None:
+    return part / whole if whole else None
+
+
+def _per(count: int, seconds: float | None) -> float | None:
+    return count / seconds if seconds else None
+
+
+def _error_class(payload: bytes) -> str:
+    try:
+        return recorded_class(payload) or "unknown"
+    except CrashsafeError:
+        return "unknown"
+
+
+def _resolution(note: str) -> str:
+    """How an unknown outcome was resolved, from the note after :data:`NOTE_PREFIX`."""
+    rest = note.split(NOTE_PREFIX, 1)[1]
+    if rest.startswith("escalated"):
+        _, found, choice = rest.rpartition("a person chose ")
+        action = choice.split()[0] if found and choice.split() else "?"
+        return f"escalated, a person chose {action}"
+    return rest.split(" | ", 1)[0].strip()
+
+
+def _wake(e: JournalEntry) -> float:
+    try:
+        value = _codec.decode(e.output or b"null", "durable sleep")
+    except CrashsafeError:
+        return e.ended_at
+    return max(e.ended_at, float(value)) if isinstance(value, int | float) else e.ended_at
+
+
+def _longest_pause(rec: WorkflowRecord, journal: list[JournalEntry],
+                   attempts: list[AttemptRecord]) -> float | None:
+    """See :attr:`Metrics.recovery_time`."""
+    pauses: list[float] = []
+    last: float | None = rec.created_at if rec.queue is None else None
+    for e in journal:
+        if last is not None:
+            pauses.append(e.started_at - last)
+        if e.kind == "sleep":
+            last = _wake(e)
+        elif e.kind in ("wait", "child"):
+            last = None  # waiting for a person or a child is no pause of the engine
+        else:
+            last = e.ended_at
+    pauses += [a.ended_at - a.started_at for a in attempts
+               if a.failure_class == "crashed" and a.ended_at is not None]
+    if rec.status in (Status.SUCCEEDED, Status.FAILED) and last is not None and journal:
+        pauses.append(rec.updated_at - last)
+    return max((max(0.0, p) for p in pauses), default=None)
+
+
+def _breaker(key: str, raw: bytes, since: float | None, until: float) -> BreakerStats:
+    """See :class:`BreakerStats`."""
+    doc = load_breaker(raw)
+    lo = -math.inf if since is None else since
+    kept = sorted((h for h in doc.history if len(h) >= 3), key=lambda h: float(h[0]))
+    history = [h for h in kept if float(h[0]) <= until]
+    later = kept[len(history):]
+    closed = BreakerState.CLOSED.value
+    changes = sum(lo <= float(h[0]) for h in history)
+    trips = tuple(float(h[0]) for h in history
+                  if lo <= float(h[0]) and h[1] == closed and h[2] == BreakerState.OPEN.value)
+    longest, start = 0.0, None
+    for at, _src, dst, *_ in history:
+        if dst != closed and start is None:
+            start = float(at)  # also when the stretch began before the kept history
+        elif dst == closed and start is not None:
+            if float(at) >= lo:
+                longest = max(longest, float(at) - start)
+            start = None
+    if history:
+        state = str(history[-1][2])
+    else:  # no change kept up to the window's end: the state before the first later one
+        state = str(later[0][1]) if later else doc.state
+        if state != closed and not later and 0 < doc.changed_at <= until:
+            start = doc.changed_at
+    if start is not None:
+        longest = max(longest, until - start)
+    return BreakerStats(key.removeprefix("breaker:"), state, changes, trips, longest,
+                        start)
