@@ -27,6 +27,7 @@ from ._errors import register_exception
 from ._escalation import Escalation
 from ._handle import WorkflowHandle
 from ._locks import Lock, LockLostError, LockTimeoutError
+from ._partial import save_partial
 from ._queues import Queue
 from ._secrets import Secret
 from ._step import Step
@@ -130,6 +131,7 @@ __all__ = [
     "random",
     "register_classifier",
     "register_exception",
+    "save_partial",
     "sleep",
     "sleep_async",
     "uuid4",

@@ -80,6 +80,14 @@ class Current:
     def in_step(self) -> bool:
         return self.step_index is not None
 
+    @property
+    def partial(self) -> Any:
+        """Inside a streaming step: the partial output it saved with
+        ``crashsafe.save_partial`` before a crash, or None (see crashsafe._partial)."""
+        from ._partial import load_partial
+
+        return load_partial()
+
     def __repr__(self) -> str:
         return (f"Current(workflow_id={self.workflow_id!r}, step_index={self.step_index!r}, "
                 f"step_name={self.step_name!r}, attempt={self.attempt!r})")
@@ -103,7 +111,8 @@ class WorkflowContext:
         "_async_wake", "app", "attempts", "cancel_event", "check_only", "checkpoint_state",
         "compensating",
         "compensations", "diverged", "executed", "fresh", "hedges", "is_async", "journal",
-        "next_index", "patches", "pending", "queue", "recorded", "replayed", "shutdown",
+        "next_index", "partials", "patches", "pending", "queue", "recorded", "replayed",
+        "shutdown",
         "signal_event", "token", "waits", "workflow_id", "workflow_name",
     )
 
@@ -125,6 +134,8 @@ class WorkflowContext:
         """The fencing token of this run's lease, stamped on every write it commits."""
         self.queue: str | None = None
         """The queue this workflow came from, if any."""
+        self.partials: set[str] = set()
+        """Keys of partial outputs saved by the running step (dropped once it ends)."""
         self.checkpoint_state: tuple[Any, int, int] | None = None
         """(state, ordinal, ordinal of its last full snapshot) of the latest checkpoint."""
         """Started by this process just now: no attempt of it can have been recorded."""

@@ -17,6 +17,7 @@ from ._attempts import Driver
 from ._context import _STEP, _WORKFLOW, Current, WorkflowContext, _Shutdown, _Suspend
 from ._errors import error_payload, live_step_failure, pin_class, step_failure
 from ._escalation import ask, ask_async, describe_actions
+from ._partial import drop_partials
 from .exceptions import (
     CircuitOpenError,
     ConfigurationError,
@@ -393,6 +394,8 @@ class Step(Generic[P, R]):
             ctx.commit(self._settled(ctx, idx, plan, result, None, drv.attempt, drv.started,
                                      drv.note(note)) + drv.closing_ops(None))
             ctx.executed += 1
+            if ctx.partials:
+                drop_partials(ctx)
             return result
 
     def _suspend(self, ctx: WorkflowContext, idx: int, drv: Driver) -> None:
@@ -594,6 +597,8 @@ class Step(Generic[P, R]):
                                                  drv.started, drv.note(note))
                                    + drv.closing_ops(None))
             ctx.executed += 1
+            if ctx.partials:
+                await asyncio.to_thread(drop_partials, ctx)
             return result
 
     async def _give_up_async(self, ctx: WorkflowContext, idx: int,
