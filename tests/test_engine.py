@@ -652,7 +652,7 @@ def test_durable_sleep_keeps_its_wake_time_across_a_crash(make_app: AppFactory) 
     def build(app: App, crash: Callable[[], None]) -> Any:
         @app.step(name="wake")
         def wake() -> float:
-            return time.time()
+            return app.clock()  # durable timers run on the store's clock
 
         @app.workflow(name="nap")
         def nap() -> float:

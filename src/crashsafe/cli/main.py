@@ -310,6 +310,168 @@ def breakers_cmd(
     out.print(table)
 
 
+_STATS_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
+_VERDICT_STYLE = {"OK": "green", "ALERT": "bold red", "NO DATA": "dim"}
+
+
+def _stats_duration(text: str) -> float:
+    """``90s``, ``30m``, ``1h``, ``7d``, ``1h30m`` or plain seconds, in seconds."""
+    import re
+
+    spec = text.strip().lower()
+    parts = re.findall(r"(\d+(?:\.\d+)?)([smhdw]?)", spec)
+    if not parts or "".join(n + u for n, u in parts) != spec \
+            or (len(parts) > 1 and not all(u for _, u in parts)):
+        raise _fail(f"cannot read the duration {text!r}; use for example 90s, 30m, 1h, 7d "
+                    "or 1h30m")
+    seconds = sum(float(n) * _STATS_UNITS[u or "s"] for n, u in parts)
+    if seconds <= 0:
+        raise _fail("--since must be a positive duration")
+    return seconds
+
+
+def _stats_thresholds(pairs: list[str]) -> Any:
+    from ..observe import Thresholds
+
+    known = {f.name: f.type for f in dataclasses.fields(Thresholds)}
+    given: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in known:
+            raise _fail(f"--threshold takes NAME=VALUE with NAME one of {', '.join(known)}; "
+                        f"got {pair!r}")
+        try:
+            given[key] = int(raw) if known[key] in ("int", int) else float(raw)
+        except ValueError:
+            raise _fail(f"--threshold {key}: {raw!r} is not a number") from None
+    try:
+        return Thresholds(**given)
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+
+
+def _stats_value(value: float | None, unit: str) -> str:
+    if value is None:
+        return "-"
+    if unit == "ratio":
+        return f"{value * 100:.2f} %"
+    if unit == "s":
+        return _stats_secs(value)
+    if unit == "bytes":
+        return f"{value / 1024:.1f} KB"
+    return f"{value:g}"
+
+
+def _stats_secs(value: float) -> str:
+    for size, unit in ((86400.0, "d"), (3600.0, "h"), (60.0, "min")):
+        if value >= size:
+            return f"{value / size:.1f} {unit}"
+    return _secs(value)
+
+
+def _stats_rate(per_second: float | None, what: str) -> str:
+    if per_second is None:
+        return f"- {what}"
+    for size, unit in ((1.0, "s"), (60.0, "min"), (3600.0, "h")):
+        if per_second * size >= 1:
+            return f"{per_second * size:.3g} {what}/{unit}"
+    return f"{per_second * 86400:.3g} {what}/day"
+
+
+def _stats_latency(p: Any) -> str:
+    if not p.count:
+        return "-"
+    return (f"p50 {_stats_secs(p.p50)} · p95 {_stats_secs(p.p95)} · "
+            f"p99 {_stats_secs(p.p99)} · max {_stats_secs(p.max)} (n={p.count})")
+
+
+@cli.command("stats")
+def stats_cmd(
+    since: Annotated[str | None, typer.Option(
+        help="Only the last DURATION: 90s, 30m, 1h, 7d, 1h30m (default: everything).",
+    )] = None,
+    name: Annotated[str | None, typer.Option(help="Only workflows with this name.")] = None,
+    threshold: Annotated[list[str] | None, typer.Option(
+        "--threshold", help="Override a threshold, NAME=VALUE (repeatable), e.g. "
+                            "retry_rate=0.2; ratios are fractions, durations seconds.",
+    )] = None,
+    check: Annotated[bool, typer.Option(
+        "--check", help="Exit 1 when any figure crosses its threshold (for cron or CI).",
+    )] = False,
+    as_json: JsonOption = False,
+    db: DbOption = None,
+) -> None:
+    """The production figures, computed from the journal, each against its alert
+    threshold: recovery, duplicate effects, retries, failure types, breakers."""
+    from rich.progress import Progress
+
+    from ..observe import compute, evaluate
+
+    window = _stats_duration(since) if since is not None else None
+    thresholds = _stats_thresholds(threshold or [])
+    try:
+        store = _open_app(db).store
+        start = store.clock() - window if window is not None else None
+        with Progress(console=err, transient=True, disable=as_json) as bar:
+            task = bar.add_task("reading workflows", total=None)
+            metrics = compute(store, start, None, name, progress=lambda done, total:
+                              bar.update(task, completed=done, total=total))
+        checks = evaluate(metrics, thresholds)
+    except CrashsafeError as exc:
+        raise _fail(str(exc)) from None
+    alerts = sum(c.alert for c in checks)
+    if as_json:
+        out.print_json(json.dumps({
+            "since": metrics.since, "until": metrics.until, "name": metrics.name,
+            "alerts": alerts, "checks": [dataclasses.asdict(c) for c in checks],
+            "metrics": metrics.to_dict()}))
+    else:
+        scope = f"last {since}" if since else "all time"
+        out.print(Text.assemble(
+            (f"{metrics.workflows} workflows", "bold"), f", {scope} until ",
+            _when(metrics.until), *((", name ", (name, "bold")) if name else ())))
+        table = Table(box=None, header_style="bold")
+        for col in ("FIGURE", "VALUE", "ALERT WHEN", "STATUS", "DETAIL"):
+            table.add_column(col)
+        signs = {"above": ">", "below": "<", "at least": ">="}
+        for c in checks:
+            table.add_row(c.name, _stats_value(c.value, c.unit),
+                          f"{signs[c.alert_when]} {_stats_value(c.threshold, c.unit)}",
+                          Text(c.status.value, style=_VERDICT_STYLE[c.status.value]),
+                          Text(c.detail))
+        out.print(table)
+        m = metrics
+        facts = Table(box=None, header_style="bold")
+        facts.add_column("FIGURE")
+        facts.add_column("VALUE")
+        rows = [
+            ("by status", ", ".join(f"{k} {v}" for k, v in m.by_status.items() if v) or "-"),
+            ("throughput", f"{_stats_rate(m.workflow_throughput, 'workflows')}, "
+                           f"{_stats_rate(m.step_throughput, 'steps')} "
+                           f"({m.workflows_finished} finished, {m.steps_finished} steps)"),
+            ("step latency", _stats_latency(m.step_latency)),
+            ("workflow latency", _stats_latency(m.workflow_latency)),
+            ("failure types", ", ".join(f"{k} {v}" for k, v in m.failure_counts.items())
+             or "-"),
+            ("unknown outcomes", ", ".join(f"{k}: {v}" for k, v in m.unknown_outcomes.items())
+             or "-"),
+            ("recoveries (approx.)", f"{m.recoveries} takeovers of "
+                                     f"{m.recovered_workflows} workflows; "
+                                     f"{m.dead_lettered} dead letter(s); "
+                                     f"{m.rollbacks} rollback(s)"),
+            ("breaker changes", f"{m.breaker_changes} across {len(m.breakers)} breakers"),
+        ]
+        for label, value in rows:
+            facts.add_row(label, Text(value))
+        out.print(facts)
+        missing = ", ".join(k.replace("_", " ") for k in m.unavailable)
+        out.print(Text(f"not recorded yet: {missing}", style="dim"))
+        out.print(Text(f"{alerts} alert(s)", style="bold red" if alerts else "green"))
+    if check and alerts:
+        raise typer.Exit(1)
+
+
 def _preview(entry: JournalEntry, width: int = 60) -> Text:
     """One cell of the timeline, as Text: stored values are user data, never markup."""
     if entry.error is not None:

@@ -11,8 +11,8 @@ Each field of :class:`Metrics` says exactly how it is computed. Three figures ar
 **approximate** because the store keeps no per-recovery event log (when a crash was
 detected, when the workflow resumed): the number of recoveries of queued workflows,
 the recovery time and the recovery success rate. Their docstrings say what they
-bound. Figures whose records do not exist yet (checkpoint cost, token usage and cost)
-are None, with the reason in :attr:`Metrics.unavailable`.
+bound. Figures whose records do not exist yet (checkpoint latency, token usage and
+cost) are None, with the reason in :attr:`Metrics.unavailable`.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .. import _codec
+from .._checkpoint import KIND as CHECKPOINT
 from .._effects import NOTE_PREFIX
 from .._errors import recorded_class
 from ..exceptions import ConfigurationError, CorruptRecordError, CrashsafeError
@@ -40,16 +41,15 @@ DEDUPLICATED = "deduplicated: key "
 RERUN_RESOLUTIONS = frozenset({"retried with the same key", "escalated, a person chose retry"})
 """Resolutions of an unknown outcome that ran the effect's body again with the same key."""
 UNAVAILABLE = {
-    "checkpoint_latency_overhead": "checkpoint records are not in the journal yet "
-                                   "(agent-state checkpoints are a separate issue)",
-    "checkpoint_bytes_per_task": "checkpoint records are not in the journal yet "
-                                 "(agent-state checkpoints are a separate issue)",
+    "checkpoint_latency_overhead": "a checkpoint's journal entry records when it was "
+                                   "taken, not how long taking it took",
     "token_usage": "token usage is not recorded yet (the LLM client wrappers will record it)",
     "cost": "cost is not recorded yet (the LLM client wrappers will record it)",
 }
 APPROXIMATE = {
-    "recoveries": "exact for workflows started directly (one fencing token per takeover); "
-                  "a lower bound for queued workflows, whose token also counts dequeues",
+    "recoveries": "exact for workflows started directly, except that resuming one by hand "
+                  "counts as a takeover; a lower bound for queued workflows, whose token "
+                  "also counts dequeues",
     "recovery_time": "an upper bound: the longest pause in each recovered workflow's "
                      "records, which contains its crash, detection and resumption; exact "
                      "figures need a per-recovery event log",
@@ -178,11 +178,13 @@ class Metrics:
     first attempt failed and a retry was planned)."""
     retry_rate: float | None
     """``retried_calls / step_calls``."""
+    retried_finished: int
+    """Step entries of the window with ``attempts > 1`` (calls still retrying are not
+    decided yet and not counted)."""
     succeeded_after_retry: int
-    """Step entries of the window with ``attempts > 1`` and no error."""
+    """Of those, the entries with no error."""
     success_after_retry_rate: float | None
-    """``succeeded_after_retry`` / step entries of the window with ``attempts > 1``
-    (calls still retrying are not decided yet and not counted)."""
+    """``succeeded_after_retry / retried_finished``."""
     retry_delays: int
     """Attempt rows of the window with a planned delay."""
     average_retry_delay: float | None
@@ -230,12 +232,14 @@ class Metrics:
     honoured the idempotency key (0 if all of them do)."""
 
     recovered_workflows: int
-    """Workflows of the window taken over from a dead process at least once: a fencing
-    token above 0 (workflows started directly), or ``recovery_attempts`` or
-    ``recovery_mark`` above 0 (approximate for queued workflows, see ``APPROXIMATE``)."""
+    """Workflows of the window with ``recoveries`` above 0."""
     recoveries: int
-    """Takeovers of those workflows: the fencing token for workflows started directly,
-    else ``max(recovery_attempts, 1)`` (approximate: a lower bound)."""
+    """Takeovers of workflows (claims by a new owner). Started directly: the fencing
+    token minus two per rollback (a rollback raises it, and so does the claim that
+    resumes the workflow after it). From a queue, whose token also counts dequeues:
+    ``recovery_attempts`` (claims since the last progress), or 1 if only
+    ``recovery_mark`` shows a claim, and 0 after a rollback reset them — a lower bound.
+    A workflow resumed by hand (``crashsafe resume``) is claimed too, and counted."""
     recovery_success_rate: float | None
     """Of recovered workflows that are no longer active or enqueued, the share that is
     not a dead letter (approximate)."""
@@ -248,7 +252,11 @@ class Metrics:
     time; never across a wait for a signal or a child workflow), the span of an attempt
     recorded as ``crashed``, and from the last entry to the end of a workflow that
     succeeded or failed. An upper bound of the time from its crash to its resumed
-    progress (approximate)."""
+    progress (approximate: the pause may also hold the wait before a rollback, a hand
+    resume, or a worker handing the workflow back to its queue)."""
+
+    rollbacks: int
+    """Rollbacks (``app.rollback``) of the window's workflows made within the window."""
 
     state_consistency: float | None
     """Workflows of the window whose journal entries and attempt rows all passed their
@@ -263,9 +271,14 @@ class Metrics:
     breaker_changes: int
     """State changes of all breakers within the window."""
 
+    checkpointed_workflows: int
+    """Workflows of the window with at least one checkpoint in their journal."""
+    checkpoint_bytes_per_task: float | None
+    """Mean, over ``checkpointed_workflows``, of the bytes their checkpoint entries
+    hold (the serialized delta or snapshot with its metadata, before compression and
+    encryption, so at least what is written; rolled-back checkpoints not counted)."""
+
     checkpoint_latency_overhead: float | None = None
-    """Not available yet (see ``unavailable``)."""
-    checkpoint_bytes_per_task: float | None = None
     """Not available yet (see ``unavailable``)."""
     unavailable: dict[str, str] = field(default_factory=lambda: dict(UNAVAILABLE))
     """Why each None-by-design figure is missing."""
@@ -285,7 +298,9 @@ def compute(store: Store, since: float | None = None, until: float | None = None
             name: str | None = None, *,
             progress: Callable[[int, int], None] | None = None) -> Metrics:
     """The figures of ``store`` for the window ``[since, until]`` (Unix seconds on the
-    store's clock; ``until`` None: now), for workflows named ``name`` (None: all).
+    store's clock; ``until`` None: now, counting every record made so far even if a
+    process clock stamped it a little ahead of the store's), for workflows named
+    ``name`` (None: all).
 
     Reads every workflow row of the window, its journal and its attempt rows (one
     workflow at a time), and every breaker document. ``progress(done, total)`` is
@@ -298,19 +313,23 @@ def compute(store: Store, since: float | None = None, until: float | None = None
     if since is not None and since > end:
         raise ConfigurationError(f"the window starts ({since}) after it ends ({end}); "
                                  "give since <= until")
-    tally = _Tally(since, end)
+    # Up to now means everything recorded: a record stamped by a process clock a
+    # millisecond ahead of the store's is not left out.
+    tally = _Tally(since, end, math.inf if until is None else end)
     rows = [r for r in store.list_workflows(ListFilter(name=name, limit=10**9))
             if tally.in_window(r)]
     for n, rec in enumerate(rows, 1):
         try:
             journal, attempts = store.load_journal(rec.id), store.load_attempts(rec.id)
+            # Every rollback raises the fencing token, so only then can there be one.
+            rewound = store.load_rewound(rec.id) if rec.token else []
         except CorruptRecordError:
             tally.unreadable.append(rec.id)
         else:
-            tally.add(rec, journal, attempts)
+            tally.add(rec, journal, attempts, sorted({at for at, _, _ in rewound}))
         if progress is not None:
             progress(n, len(rows))
-    breakers = tuple(_breaker(key, raw, since, end)
+    breakers = tuple(_breaker(key, raw, since, end, tally.hi)
                      for key, raw, _ in store.list_shared("breaker:"))
     return tally.result(name, len(rows), breakers)
 
@@ -318,9 +337,10 @@ def compute(store: Store, since: float | None = None, until: float | None = None
 class _Tally:
     """What :func:`compute` accumulates while it reads workflows one at a time."""
 
-    def __init__(self, since: float | None, until: float) -> None:
+    def __init__(self, since: float | None, until: float, hi: float) -> None:
         self.since, self.until = since, until
         self.lo = -math.inf if since is None else since
+        self.hi = hi
         self.oldest: float | None = None
         self.by_status: Counter[str] = Counter()
         self.finished = 0
@@ -334,18 +354,20 @@ class _Tally:
         self.unknown: Counter[str] = Counter()
         self.recovered = self.recoveries = self.recovered_ended = self.recovered_dead = 0
         self.pauses: list[float] = []
+        self.rollbacks = 0
+        self.checkpoint_bytes: list[int] = []
         self.unreadable: list[str] = []
 
     def inside(self, t: float) -> bool:
-        return self.lo <= t <= self.until
+        return self.lo <= t <= self.hi
 
     def in_window(self, rec: WorkflowRecord) -> bool:
-        if rec.created_at > self.until:
+        if rec.created_at > self.hi:
             return False
         return not (rec.status.terminal and rec.updated_at < self.lo)
 
     def add(self, rec: WorkflowRecord, journal: list[JournalEntry],
-            attempts: list[AttemptRecord]) -> None:
+            attempts: list[AttemptRecord], rollbacks: list[float]) -> None:
         self.oldest = rec.created_at if self.oldest is None else min(self.oldest,
                                                                      rec.created_at)
         self.by_status[rec.status.value] += 1
@@ -368,7 +390,11 @@ class _Tally:
         for index, calls in rows.items():
             if index not in finished:
                 self._unfinished(rec, index, calls)
-        self._recovery(rec, journal, attempts)
+        stored = [len(e.output or b"") for e in journal if e.kind == CHECKPOINT]
+        if stored:
+            self.checkpoint_bytes.append(sum(stored))
+        self.rollbacks += sum(self.inside(at) for at in rollbacks)
+        self._recovery(rec, journal, attempts, len(rollbacks))
 
     def _step(self, e: JournalEntry, rows: list[AttemptRecord]) -> None:
         self.step_calls += 1
@@ -389,7 +415,7 @@ class _Tally:
             self.reruns += how in RERUN_RESOLUTIONS
 
     def _unfinished(self, rec: WorkflowRecord, index: int, rows: list[AttemptRecord]) -> None:
-        seen = [r for r in rows if r.started_at <= self.until]
+        seen = [r for r in rows if r.started_at <= self.hi]
         if not seen:
             return
         latest = max(max(r.started_at, r.ended_at or 0.0) for r in seen)
@@ -400,13 +426,18 @@ class _Tally:
             failed = [r.failure_class for r in seen if r.failure_class]
             self.retrying.append(RetryingStep(
                 rec.id, rec.name, index, seen[0].step, seen[-1].attempt, seen[0].started_at,
-                self.until - seen[0].started_at, failed[-1] if failed else None))
+                max(0.0, self.until - seen[0].started_at), failed[-1] if failed else None))
 
     def _recovery(self, rec: WorkflowRecord, journal: list[JournalEntry],
-                  attempts: list[AttemptRecord]) -> None:
-        n = rec.token if rec.queue is None else 0
-        if rec.recovery_attempts or rec.recovery_mark:
-            n = max(n, rec.recovery_attempts, 1)
+                  attempts: list[AttemptRecord], rollbacks: int) -> None:
+        if rec.queue is None:
+            # Each takeover raises the token by one; each rollback by two (its own new
+            # token, then the claim that resumes the unowned workflow).
+            n = max(0, rec.token - 2 * rollbacks)
+        elif rollbacks:
+            n = 0  # the counters were reset by the rollback: nothing to tell
+        else:
+            n = max(rec.recovery_attempts, 1 if rec.recovery_mark else 0)
         if not n:
             return
         self.recovered += 1
@@ -439,7 +470,7 @@ class _Tally:
             workflow_latency=Percentiles.of(self.workflow_latencies),
             step_calls=self.step_calls, retried_calls=self.retried,
             retry_rate=_ratio(self.retried, self.step_calls),
-            succeeded_after_retry=self.retried_ok,
+            retried_finished=self.retried_done, succeeded_after_retry=self.retried_ok,
             success_after_retry_rate=_ratio(self.retried_ok, self.retried_done),
             retry_delays=len(self.delays),
             average_retry_delay=(sum(self.delays) / len(self.delays)) if self.delays else None,
@@ -459,10 +490,14 @@ class _Tally:
                                          self.recovered_ended),
             dead_lettered=self.by_status[Status.DEAD_LETTER.value],
             recovery_time=Percentiles.of(self.pauses),
+            rollbacks=self.rollbacks,
             state_consistency=_ratio(readable, read),
             unreadable=tuple(self.unreadable),
             breakers=breakers,
             breaker_changes=sum(b.changes for b in breakers),
+            checkpointed_workflows=len(self.checkpoint_bytes),
+            checkpoint_bytes_per_task=(sum(self.checkpoint_bytes) / len(self.checkpoint_bytes)
+                                       if self.checkpoint_bytes else None),
         )
 
 
@@ -520,12 +555,13 @@ def _longest_pause(rec: WorkflowRecord, journal: list[JournalEntry],
     return max((max(0.0, p) for p in pauses), default=None)
 
 
-def _breaker(key: str, raw: bytes, since: float | None, until: float) -> BreakerStats:
-    """See :class:`BreakerStats`."""
+def _breaker(key: str, raw: bytes, since: float | None, until: float,
+             hi: float) -> BreakerStats:
+    """See :class:`BreakerStats` (``hi``: the last moment counted, ``until`` or later)."""
     doc = load_breaker(raw)
     lo = -math.inf if since is None else since
     kept = sorted((h for h in doc.history if len(h) >= 3), key=lambda h: float(h[0]))
-    history = [h for h in kept if float(h[0]) <= until]
+    history = [h for h in kept if float(h[0]) <= hi]
     later = kept[len(history):]
     closed = BreakerState.CLOSED.value
     changes = sum(lo <= float(h[0]) for h in history)
@@ -543,9 +579,9 @@ def _breaker(key: str, raw: bytes, since: float | None, until: float) -> Breaker
         state = str(history[-1][2])
     else:  # no change kept up to the window's end: the state before the first later one
         state = str(later[0][1]) if later else doc.state
-        if state != closed and not later and 0 < doc.changed_at <= until:
+        if state != closed and not later and 0 < doc.changed_at <= hi:
             start = doc.changed_at
     if start is not None:
-        longest = max(longest, until - start)
+        longest = max(longest, until - start, 0.0)
     return BreakerStats(key.removeprefix("breaker:"), state, changes, trips, longest,
                         start)
