@@ -146,17 +146,18 @@ def _entry(ctx: WorkflowContext, idx: int, label: str | None, state: Any, digest
     if previous is None or n - int(previous[2]) >= every:
         doc["full"] = state
         doc["full_n"] = n
+        doc["stored"] = size
     else:
         delta = diff(previous[0], state)
-        full_size = len(_codec.encode(state, "checkpoint state")[0])
-        if len(_codec.encode(delta, "checkpoint delta")[0]) < full_size:
+        delta_size = len(_codec.encode(delta, "checkpoint delta")[0])
+        if delta_size < size:  # ``size`` is the state's own encoded length
             doc["delta"] = delta
             doc["full_n"] = previous[2]
+            doc["stored"] = delta_size
         else:
             doc["full"] = state
             doc["full_n"] = n
-    stored = doc.get("full", doc.get("delta"))
-    doc["stored"] = len(_codec.encode(stored, "checkpoint")[0])
+            doc["stored"] = size
     data, _ = _codec.encode(doc, "checkpoint")
     ctx.checkpoint_state = (state, n, doc["full_n"])
     at = ctx.app.clock()
