@@ -486,9 +486,14 @@ class App:
         self.store.register_executor(ExecutorRecord(
             self.executor_id, HOSTNAME, pid, process_start_marker(pid), now, now,
         ))
-        self._background = threading.Thread(target=self._serve, name="crashsafe-heartbeat",
+        self._background = threading.Thread(target=self._serve, name="crashsafe-serve",
                                             daemon=True)
         self._background.start()
+        # Its own thread: a slow sweep or a blocked claim must not make this process
+        # look dead to the others.
+        self._beat = threading.Thread(target=self._heartbeat_loop, name="crashsafe-heartbeat",
+                                      daemon=True)
+        self._beat.start()
         return True
 
     def __enter__(self) -> App:
@@ -538,7 +543,7 @@ class App:
         return all(ex.done.wait(max(0.0, deadline - time.monotonic())) for ex in executions)
 
     def _serve(self) -> None:
-        next_beat = next_sweep = next_flush = time.monotonic()
+        next_sweep = next_flush = time.monotonic()
         while True:
             # Woken early when work is enqueued or a queued workflow ends.
             self._queue_wakeup.wait(0.25)
@@ -551,10 +556,6 @@ class App:
                 self._wake_suspended()
                 if self._served:
                     self._poll_queues()
-                if now >= next_beat:
-                    self._sync_clock()
-                    self.store.heartbeat(self.executor_id, self.clock())
-                    next_beat = now + self.heartbeat_interval
                 if self._resilience_obj is not None and now >= next_flush:
                     self._resilience_obj.flush()
                     next_flush = now + 1.0
@@ -565,6 +566,14 @@ class App:
                     next_sweep = now + self.recovery_interval
             except Exception as exc:  # keep serving; try again on the next tick
                 log.warning("crashsafe background work failed: %s", exc, exc_info=True)
+
+    def _heartbeat_loop(self) -> None:
+        while not self._closing.wait(self.heartbeat_interval):
+            try:
+                self._sync_clock()
+                self.store.heartbeat(self.executor_id, self.clock())
+            except Exception as exc:  # keep beating; the next one may get through
+                log.warning("crashsafe heartbeat failed: %s", exc, exc_info=True)
 
     def _wake_suspended(self) -> None:
         """Resume parked workflows whose time has come, or that were cancelled."""

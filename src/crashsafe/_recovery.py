@@ -1,9 +1,10 @@
 """Who is alive: deciding which workflows are orphans that this process may take over.
 
-A workflow is never taken from a live process. On the owner's own host, liveness is
-exact: the owner's pid must exist, not be a zombie, and have the start time it had
-when it registered (so a recycled pid does not look alive). From another host, the
-owner is dead once its heartbeat is older than the lease.
+A workflow is never taken from a live process. On the owner's own host, death is
+seen at once: the owner's pid is gone, a zombie, or has another start time than when
+it registered (a recycled pid). Everywhere, an owner whose heartbeat is older than the
+lease is dead too (a paused or hung process; its late writes are refused by the
+fencing tokens).
 """
 
 from __future__ import annotations
@@ -48,9 +49,14 @@ def pid_alive(pid: int) -> bool:
 def executor_alive(rec: ExecutorRecord | None, lease: float, now: float) -> bool:
     if rec is None or rec.stopped:
         return False
+    fresh = now - rec.heartbeat_at < lease
     if rec.hostname == HOSTNAME:
         if not pid_alive(rec.pid):
             return False
         marker = process_start_marker(rec.pid)
-        return not (rec.pid_start and marker and marker != rec.pid_start)
-    return now - rec.heartbeat_at < lease
+        if rec.pid_start and marker and marker != rec.pid_start:
+            return False
+        # A live pid that stopped heartbeating (SIGSTOP, a hang) has lost its leases
+        # too: fencing makes taking its workflows safe.
+        return fresh
+    return fresh
