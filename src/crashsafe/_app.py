@@ -798,9 +798,10 @@ class App:
                               res.record and res.record.reason)
                 elif res.claimed and res.record is not None:
                     rec = res.record
-                    if rec.queue is not None and rec.queue not in self._served:
+                    if rec.queue is not None:
                         # A dead worker's queued workflow goes back to its queue, where
-                        # the queue's limits apply, rather than running here.
+                        # the queue's limits apply (global and per worker), rather than
+                        # all of them landing on whichever worker swept first.
                         self._committer.commit([Requeue(
                             rec.id, self.executor_id, rec.token, None,
                             "taken back from a worker that died")])

@@ -182,25 +182,33 @@ class PostgresStore:
 
     def _migrate(self) -> None:
         schema = self.options.schema
-        with self._connect() as conn:
-            try:
-                self._user_path = conn.execute("SHOW search_path").fetchone()[0]  # type: ignore[index]
-                self._schema_path = sql.Identifier(schema).as_string(conn)
-                self._configure(conn)
-                if self._schema_version(conn) == SCHEMA_VERSION:
-                    return  # current already: no need to queue behind other starters
-                conn.execute("BEGIN")
-                conn.execute("SELECT pg_advisory_xact_lock(%s)", (lock_id("migrate", schema),))
-                if conn.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s",
-                                (schema,)).fetchone() is None:
-                    conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
-                conn.execute("CREATE TABLE IF NOT EXISTS crashsafe_meta "
-                             "(name text PRIMARY KEY, value integer NOT NULL)")
-                self._upgrade(conn, self._schema_version(conn))
-                conn.execute("COMMIT")
-            except psycopg.Error as exc:
-                raise translate(exc, f"preparing schema {schema!r} in {self._shown!r}") \
-                    from exc
+        for last in (False, True):
+            with self._connect() as conn:
+                try:
+                    self._user_path = conn.execute("SHOW search_path").fetchone()[0]  # type: ignore[index]
+                    self._schema_path = sql.Identifier(schema).as_string(conn)
+                    self._configure(conn)
+                    if self._schema_version(conn) == SCHEMA_VERSION:
+                        return  # current already: no need to queue behind other starters
+                    conn.execute("BEGIN")
+                    conn.execute("SELECT pg_advisory_xact_lock(%s)",
+                                 (lock_id("migrate", schema),))
+                    if conn.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s",
+                                    (schema,)).fetchone() is None:
+                        conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+                    conn.execute("CREATE TABLE IF NOT EXISTS crashsafe_meta "
+                                 "(name text PRIMARY KEY, value integer NOT NULL)")
+                    self._upgrade(conn, self._schema_version(conn))
+                    conn.execute("COMMIT")
+                    return
+                except psycopg.Error as exc:
+                    # Dropped once connected: retried once on a fresh connection, as
+                    # reads are. The migration is one transaction that checks the
+                    # version first, so a retry after a lost COMMIT answer finds the
+                    # schema current.
+                    if last or not is_lost(exc):
+                        raise translate(exc, f"preparing schema {schema!r} in "
+                                             f"{self._shown!r}") from exc
 
     @staticmethod
     def _schema_version(conn: Conn) -> int:
@@ -556,7 +564,10 @@ class PostgresStore:
             ids = [wid for wid, _ in claims]
             rows = conn.execute(
                 f"SELECT {WF_COLS}, {NOW} FROM workflows WHERE id = ANY(%s) "
-                "AND status IN ('running', 'waiting', 'cancelling') ORDER BY id FOR UPDATE",
+                "AND status IN ('running', 'waiting', 'cancelling') ORDER BY id "
+                # A row a paused writer still locks is skipped, not waited on (no
+                # deadlock with its group commit): the next sweep tries it again.
+                "FOR UPDATE SKIP LOCKED",
                 (ids,)).fetchall()
             found = {r[0]: r for r in rows}
             lengths: dict[str, int] = dict(conn.execute(
