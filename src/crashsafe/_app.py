@@ -211,9 +211,10 @@ class App:
     @property
     def _committer(self) -> GroupCommitter:
         if self._committer_obj is None:
+            store = self.store  # outside the lock: opening the store takes it too
             with self._lock:
                 if self._committer_obj is None:
-                    self._committer_obj = GroupCommitter(self.store)
+                    self._committer_obj = GroupCommitter(store)
         return self._committer_obj
 
     # -- registration -------------------------------------------------------------------
@@ -480,12 +481,17 @@ class App:
             if self._launched:
                 return False
             self._launched = True
-        self._sync_clock()
-        now = self.clock()
-        pid = os.getpid()
-        self.store.register_executor(ExecutorRecord(
-            self.executor_id, HOSTNAME, pid, process_start_marker(pid), now, now,
-        ))
+        try:
+            self._sync_clock()
+            now = self.clock()
+            pid = os.getpid()
+            self.store.register_executor(ExecutorRecord(
+                self.executor_id, HOSTNAME, pid, process_start_marker(pid), now, now,
+            ))
+        except BaseException:
+            with self._lock:  # not launched: the next call tries again from the start
+                self._launched = False
+            raise
         self._background = threading.Thread(target=self._serve, name="crashsafe-serve",
                                             daemon=True)
         self._background.start()
