@@ -112,7 +112,7 @@ class App:
         store: Store | None = None,
         max_recoveries: int = 20,
         lease: float | timedelta = 30.0,
-        heartbeat_interval: float | timedelta = 2.0,
+        heartbeat_interval: float | timedelta | None = None,
         recovery_interval: float | timedelta = 5.0,
         effect_retention: float | timedelta | None = None,
         on_escalate: Callable[[Escalation], Any] | None = None,
@@ -127,7 +127,13 @@ class App:
             raise ConfigurationError("max_recoveries must be at least 1")
         self.max_recoveries = max_recoveries
         self.lease = seconds(lease, "lease") or 30.0
-        self.heartbeat_interval = seconds(heartbeat_interval, "heartbeat_interval") or 2.0
+        beat = seconds(heartbeat_interval, "heartbeat_interval")
+        if beat is not None and beat >= self.lease:
+            raise ConfigurationError(
+                f"heartbeat_interval={beat:g} s is not shorter than lease={self.lease:g} s: "
+                "every lease would lapse between beats; use a heartbeat of a quarter of "
+                "the lease or less")
+        self.heartbeat_interval = beat or min(2.0, self.lease / 4)
         self.recovery_interval = seconds(recovery_interval, "recovery_interval") or 5.0
         # How long a finished effect's key is remembered (None: forever). After that, a
         # step reusing the key applies the effect again.
@@ -159,6 +165,10 @@ class App:
         self._queue_wakeup = threading.Event()
         # The store's clock minus ours, re-measured at every heartbeat (see clock()).
         self._clock_offset = 0.0
+        # When our own heartbeat last got through, and until when (after ours could
+        # not get through on time) others' late heartbeats prove nothing (monotonic).
+        self._beat_ok_at = time.monotonic()
+        self._no_judging_until = 0.0
         # Sync workflows parked for a distant retry: id -> when to resume them.
         self._suspended: dict[str, float] = {}
         self._breakers: dict[str, CircuitBreaker] = {}
@@ -488,6 +498,7 @@ class App:
             self.store.register_executor(ExecutorRecord(
                 self.executor_id, HOSTNAME, pid, process_start_marker(pid), now, now,
             ))
+            self._beat_ok_at = time.monotonic()
         except BaseException:
             with self._lock:  # not launched: the next call tries again from the start
                 self._launched = False
@@ -578,6 +589,13 @@ class App:
             try:
                 self._sync_clock()
                 self.store.heartbeat(self.executor_id, self.clock())
+                now = time.monotonic()
+                if now - self._beat_ok_at >= 2 * self.heartbeat_interval:
+                    # Our own beats did not get through (the store stalled, or we were
+                    # paused or starved): the others' most likely did not either. Give
+                    # them a lease to beat again before judging anyone by it.
+                    self._no_judging_until = now + self.lease
+                self._beat_ok_at = now
             except Exception as exc:  # keep beating; the next one may get through
                 log.warning("crashsafe heartbeat failed: %s", exc, exc_info=True)
 
@@ -789,7 +807,12 @@ class App:
         owners = sorted({owner for _, owner, _ in others if owner is not None})
         executors = self.store.get_executors(owners)
         now = self.clock()
-        dead = {o for o in owners if not executor_alive(executors.get(o), self.lease, now)}
+        mono = time.monotonic()
+        # Late heartbeats prove a death only while ours get through on time.
+        judge = (mono >= self._no_judging_until
+                 and mono - self._beat_ok_at < 2 * self.heartbeat_interval)
+        dead = {o for o in owners
+                if not executor_alive(executors.get(o), self.lease, now, by_heartbeat=judge)}
         claims = [
             (wid, owner) for wid, owner, name in others
             if (owner is None or owner in dead) and wid not in self._executions

@@ -46,10 +46,14 @@ def pid_alive(pid: int) -> bool:
     return not Path("/proc").is_dir()  # /proc exists but had no entry: the pid is gone
 
 
-def executor_alive(rec: ExecutorRecord | None, lease: float, now: float) -> bool:
+def executor_alive(rec: ExecutorRecord | None, lease: float, now: float, *,
+                   by_heartbeat: bool = True) -> bool:
+    """Whether ``rec``'s process still holds its leases. ``by_heartbeat`` False: a late
+    heartbeat proves nothing (the judge's own heartbeat just stalled), so only a
+    stopped record or, on this host, a gone process counts as dead."""
     if rec is None or rec.stopped:
         return False
-    fresh = now - rec.heartbeat_at < lease
+    fresh = not by_heartbeat or now - rec.heartbeat_at < lease
     if rec.hostname == HOSTNAME:
         if not pid_alive(rec.pid):
             return False

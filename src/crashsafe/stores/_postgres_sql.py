@@ -36,7 +36,7 @@ from .base import (
 
 Conn = psycopg.Connection[tuple[Any, ...]]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # Each entry upgrades the schema from version i to i + 1. Never edit a shipped entry:
 # append a new one. Keys and ids use the "C" collation so ordering and prefix
@@ -159,6 +159,112 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX rewound_workflow ON rewound (workflow_id, rewound_at, idx);
     """,
+    # v3: a group commit is one call of commit_group, so the server runs the whole
+    # transaction without waiting on the client: a worker paused (SIGSTOP, a debugger,
+    # a frozen VM) between statements can no longer sit on the locks of a transaction
+    # it left open. The fence is checked in SQL; a stale token or a workflow that is no
+    # longer running raises, which rolls the whole call back.
+    """
+    CREATE TYPE commit_entry AS (
+        workflow_id text, idx integer, kind text, name text, output bytea, error bytea,
+        attempts integer, started_at double precision, ended_at double precision,
+        note text, token bigint
+    );
+    CREATE TYPE commit_attempt AS (
+        workflow_id text, idx integer, attempt integer, step text,
+        started_at double precision, ended_at double precision, failure_class text,
+        error bytea, delay double precision, delay_source text, next_at double precision,
+        note text, token bigint
+    );
+    CREATE TYPE commit_effect AS (
+        key text, workflow_id text, idx integer, output bytea, error bytea,
+        expires_at double precision
+    );
+    CREATE TYPE commit_move AS (
+        op text, workflow_id text, owner text, token bigint, status text, output bytea,
+        error bytea, reason text, at double precision
+    );
+    CREATE FUNCTION commit_group(c workflows[], j commit_entry[], a commit_attempt[],
+                                 ef commit_effect[], mv commit_move[])
+    RETURNS void LANGUAGE plpgsql AS $body$
+    DECLARE
+        n bigint;
+        m commit_move;
+    BEGIN
+        IF c IS NOT NULL THEN
+            INSERT INTO workflows SELECT * FROM unnest(c);
+        END IF;
+        IF j IS NOT NULL THEN
+            INSERT INTO journal (workflow_id, idx, kind, name, output, error, attempts,
+                                 started_at, ended_at, note)
+            SELECT u.workflow_id, u.idx, u.kind, u.name, u.output, u.error, u.attempts,
+                   u.started_at, u.ended_at, u.note
+            FROM unnest(j) AS u
+            WHERE u.token IS NULL OR EXISTS (
+                SELECT 1 FROM workflows w WHERE w.id = u.workflow_id AND w.token = u.token
+                FOR SHARE);
+            GET DIAGNOSTICS n = ROW_COUNT;
+            IF n <> cardinality(j) THEN
+                RAISE EXCEPTION 'crashsafe: a fencing token is stale' USING ERRCODE = 'CS001';
+            END IF;
+        END IF;
+        IF a IS NOT NULL THEN
+            INSERT INTO attempts (workflow_id, idx, attempt, step, started_at, ended_at,
+                                  failure_class, error, delay, delay_source, next_at, note)
+            SELECT u.workflow_id, u.idx, u.attempt, u.step, u.started_at, u.ended_at,
+                   u.failure_class, u.error, u.delay, u.delay_source, u.next_at, u.note
+            FROM unnest(a) AS u
+            WHERE u.token IS NULL OR EXISTS (
+                SELECT 1 FROM workflows w WHERE w.id = u.workflow_id AND w.token = u.token
+                FOR SHARE)
+            ON CONFLICT (workflow_id, idx, attempt) DO UPDATE SET step = EXCLUDED.step,
+                started_at = EXCLUDED.started_at, ended_at = EXCLUDED.ended_at,
+                failure_class = EXCLUDED.failure_class, error = EXCLUDED.error,
+                delay = EXCLUDED.delay, delay_source = EXCLUDED.delay_source,
+                next_at = EXCLUDED.next_at, note = EXCLUDED.note;
+            GET DIAGNOSTICS n = ROW_COUNT;
+            IF n <> cardinality(a) THEN
+                RAISE EXCEPTION 'crashsafe: a fencing token is stale' USING ERRCODE = 'CS001';
+            END IF;
+        END IF;
+        IF ef IS NOT NULL THEN
+            UPDATE effects e SET state = 'done', output = u.output, error = u.error,
+                                 expires_at = u.expires_at
+            FROM unnest(ef) AS u
+            WHERE e.key = u.key AND e.workflow_id = u.workflow_id AND e.idx = u.idx;
+            DELETE FROM intents i USING unnest(ef) AS u
+            WHERE i.workflow_id = u.workflow_id AND i.idx = u.idx;
+        END IF;
+        -- Status moves one by one, in order: one workflow may move twice in a group.
+        FOREACH m IN ARRAY coalesce(mv, '{}') LOOP
+            IF m.op = 'requeue' THEN
+                UPDATE workflows SET status = 'enqueued', owner = NULL,
+                                     not_before = m.at, reason = m.reason
+                WHERE id = m.workflow_id AND owner = m.owner
+                  AND status IN ('running', 'waiting')
+                  AND (m.token IS NULL OR token = m.token);
+            ELSIF m.op = 'mark' THEN
+                UPDATE workflows SET status = m.status, reason = m.reason
+                WHERE id = m.workflow_id AND owner = m.owner
+                  AND status IN ('running', 'waiting')
+                  AND (m.token IS NULL OR token = m.token);
+            ELSE
+                UPDATE workflows SET status = m.status, output = m.output,
+                                     error = m.error, reason = m.reason, updated_at = m.at
+                WHERE id = m.workflow_id AND owner = m.owner
+                  AND (status IN ('running', 'waiting')
+                       OR (status = 'cancelling' AND m.status = 'cancelled'))
+                  AND (m.token IS NULL OR token = m.token);
+            END IF;
+            GET DIAGNOSTICS n = ROW_COUNT;
+            IF n <> 1 THEN
+                RAISE EXCEPTION 'crashsafe: workflow % is no longer running here',
+                    m.workflow_id USING ERRCODE = 'CS002', DETAIL = m.workflow_id;
+            END IF;
+        END LOOP;
+    END
+    $body$;
+    """,
 ]
 
 NOW = "extract(epoch FROM clock_timestamp())::float8"
@@ -173,11 +279,6 @@ INSERT_ENTRY = (
 )
 CREATE = (f"INSERT INTO workflows ({WF_COLS}) "
           "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)")
-REQUEUE = (
-    "UPDATE workflows SET status = 'enqueued', owner = NULL, not_before = %s, reason = %s "
-    "WHERE id = %s AND owner = %s AND status IN ('running', 'waiting') "
-    "AND (%s::bigint IS NULL OR token = %s)"
-)
 # A write that carries a fencing token lands only while the workflow's token is still
 # that one: the database itself refuses a stale worker, in the same statement. FOR
 # SHARE makes a takeover (which updates the token) wait for this write's transaction,
@@ -194,29 +295,10 @@ FINISH = (
     "WHERE id = %s AND owner = %s AND (status IN ('running', 'waiting') "
     "OR (status = 'cancelling' AND %s = 'cancelled')) AND (%s::bigint IS NULL OR token = %s)"
 )
-COMPLETE_EFFECT = (
-    "UPDATE effects SET state = 'done', output = %s, error = %s, expires_at = %s "
-    "WHERE key = %s AND workflow_id = %s AND idx = %s"
-)
-CLEAR_INTENT = "DELETE FROM intents WHERE workflow_id = %s AND idx = %s"
 EFFECT_COLS = ("key, workflow_id, idx, step, args_hash, state, output, error, created_at, "
                "expires_at")
 ATTEMPT_COLS = ("workflow_id, idx, attempt, step, started_at, ended_at, failure_class, error, "
                 "delay, delay_source, next_at, note")
-_ATTEMPT_UPDATE = (
-    " ON CONFLICT (workflow_id, idx, attempt) DO UPDATE SET step = EXCLUDED.step, "
-    "started_at = EXCLUDED.started_at, ended_at = EXCLUDED.ended_at, "
-    "failure_class = EXCLUDED.failure_class, error = EXCLUDED.error, delay = EXCLUDED.delay, "
-    "delay_source = EXCLUDED.delay_source, next_at = EXCLUDED.next_at, note = EXCLUDED.note"
-)
-UPSERT_ATTEMPT = (
-    f"INSERT INTO attempts ({ATTEMPT_COLS}) "
-    "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)" + _ATTEMPT_UPDATE
-)
-UPSERT_ATTEMPT_FENCED = (
-    f"INSERT INTO attempts ({ATTEMPT_COLS}) SELECT %s, %s, %s, %s, %s, %s::float8, %s, "
-    "%s::bytea, %s::float8, %s, %s::float8, %s" + FENCE + _ATTEMPT_UPDATE
-)
 MARK_WAITING = (
     "UPDATE workflows SET status = %s, reason = %s "
     "WHERE id = %s AND status IN ('running', 'waiting') AND owner = %s "
@@ -392,10 +474,12 @@ def rollback_quietly(conn: Conn) -> None:
             pass  # the pool discards a connection it cannot reset
 
 
-def stale(rows: list[tuple[Any, ...]]) -> WorkflowNotRunning:
-    """The fenced write that matched no row: its workflow's token moved on."""
-    if len({r[-2] for r in rows}) == 1:
-        return WorkflowNotRunning(rows[0][-2], rows[0][-1])
+def stale(rows: Sequence[tuple[Any, ...]]) -> WorkflowNotRunning:
+    """A fenced write refused: its workflow's token moved on. ``rows`` hold the fenced
+    rows, workflow id first and token last."""
+    fenced = {(r[0], r[-1]) for r in rows if r[-1] is not None}
+    if len(fenced) == 1:
+        return WorkflowNotRunning(*fenced.pop())
     return WorkflowNotRunning("?")
 
 
@@ -419,24 +503,33 @@ def entry_row(e: JournalEntry) -> tuple[Any, ...]:
             e.started_at, e.ended_at, e.note)
 
 
+# One group commit is one call: the server runs the whole transaction without the
+# client (see migration v3). Composite rows travel as bound parameters.
+COMMIT_GROUP = ("SELECT commit_group(%s::workflows[], %s::commit_entry[], "
+                "%s::commit_attempt[], %s::commit_effect[], %s::commit_move[])")
+STALE_FENCE = "CS001"
+"""SQLSTATE commit_group raises for a write whose fencing token is stale."""
+NOT_RUNNING = "CS002"
+"""SQLSTATE commit_group raises for a status move of a workflow no longer running here."""
+
+
 @dataclass(slots=True)
 class Rows:
-    """One group commit's ops, sorted into the parameter rows of each statement."""
+    """One group commit's ops, as the composite rows ``commit_group`` takes."""
 
     creates: list[tuple[Any, ...]]
     entries: list[tuple[Any, ...]]
-    fenced: list[tuple[Any, ...]]
-    """Journal entries that carry a fencing token: the row, then (workflow id, token)."""
-    finishes: list[tuple[Any, ...]]
-    marks: list[tuple[Any, ...]]
-    effects: list[CompleteEffect]
+    """Journal rows, then the fencing token (None: not fenced)."""
     attempts: list[tuple[Any, ...]]
-    fenced_attempts: list[tuple[Any, ...]]
-    requeues: list[tuple[Any, ...]]
+    """Attempt rows, then the fencing token (None: not fenced)."""
+    effects: list[tuple[Any, ...]]
+    moves: list[tuple[Any, ...]]
+    """Status moves in op order: (op, workflow id, owner, token, status, output, error,
+    reason, at) with op one of requeue, mark, finish."""
 
     @classmethod
     def collect(cls, batches: Sequence[Sequence[Op]]) -> Rows:
-        rows = cls([], [], [], [], [], [], [], [], [])
+        rows = cls([], [], [], [], [])
         for ops in batches:
             for op in ops:
                 rows._add(op)
@@ -444,39 +537,40 @@ class Rows:
 
     def _add(self, op: Op) -> None:
         if type(op) is JournalEntry:
-            if op.token is None:
-                self.entries.append(entry_row(op))
-            else:
-                self.fenced.append((*entry_row(op), op.workflow_id, op.token))
+            self.entries.append((*entry_row(op), op.token))
         elif isinstance(op, FinishWorkflow):
-            self.finishes.append((op.status.value, op.output, op.error, op.reason, op.at,
-                                  op.workflow_id, op.owner, op.status.value, op.token,
-                                  op.token))
+            self.moves.append(("finish", op.workflow_id, op.owner, op.token, op.status.value,
+                               op.output, op.error, op.reason, op.at))
         elif isinstance(op, CompleteEffect):
-            self.effects.append(op)
+            self.effects.append((op.key, op.workflow_id, op.index, op.output, op.error,
+                                 op.expires_at))
         elif isinstance(op, AttemptRecord):
-            row = (op.workflow_id, op.index, op.attempt, op.step, op.started_at, op.ended_at,
-                   op.failure_class, op.error, op.delay, op.delay_source, op.next_at, op.note)
-            if op.token is None:
-                self.attempts.append(row)
-            else:
-                self.fenced_attempts.append((*row, op.workflow_id, op.token))
+            self.attempts.append((op.workflow_id, op.index, op.attempt, op.step,
+                                  op.started_at, op.ended_at, op.failure_class, op.error,
+                                  op.delay, op.delay_source, op.next_at, op.note, op.token))
         elif isinstance(op, MarkWaiting):
-            self.marks.append(("running" if op.reason is None else "waiting", op.reason,
-                               op.workflow_id, op.owner, op.token, op.token))
+            self.moves.append(("mark", op.workflow_id, op.owner, op.token,
+                               "running" if op.reason is None else "waiting", None, None,
+                               op.reason, None))
         elif isinstance(op, CreateWorkflow):
             self.creates.append(workflow_row(op.record))
         elif isinstance(op, Requeue):
-            self.requeues.append((op.not_before, op.reason, op.workflow_id, op.owner, op.token,
-                                  op.token))
+            self.moves.append(("requeue", op.workflow_id, op.owner, op.token, "enqueued",
+                               None, None, op.reason, op.not_before))
         else:  # an op this store does not know yet must not vanish silently
             raise TypeError(f"the PostgreSQL store cannot apply {type(op).__name__} yet")
 
+    def params(self) -> tuple[list[tuple[Any, ...]] | None, ...]:
+        """``COMMIT_GROUP``'s parameters (None for an empty group: less to send)."""
+        return (self.creates or None, self.entries or None, self.attempts or None,
+                self.effects or None, self.moves or None)
+
     def single(self) -> bool:
-        """One statement and nothing else: it can be its own transaction."""
-        return (len(self.creates) + len(self.entries) + len(self.fenced) + len(self.finishes)
-                + len(self.marks) == 1 and not self.effects and not self.attempts
-                and not self.fenced_attempts and not self.requeues)
+        """One plain statement and nothing else: it can be its own transaction."""
+        lone_move = len(self.moves) == 1 and self.moves[0][0] != "requeue"
+        return (len(self.creates) + len(self.entries) + lone_move == 1
+                and len(self.moves) == lone_move and not self.effects
+                and not self.attempts)
 
 
 class TransactionCursor:

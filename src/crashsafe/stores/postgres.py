@@ -60,8 +60,7 @@ from ..exceptions import (
 from ._payload_sql import rewind_rows, rewrite_rows
 from ._postgres_sql import (
     ATTEMPT_COLS,
-    CLEAR_INTENT,
-    COMPLETE_EFFECT,
+    COMMIT_GROUP,
     CONFLICT_RETRIES,
     CREATE,
     EFFECT_COLS,
@@ -70,12 +69,11 @@ from ._postgres_sql import (
     INSERT_ENTRY_FENCED,
     MARK_WAITING,
     MIGRATIONS,
+    NOT_RUNNING,
     NOW,
     OUTCOME_WAIT,
-    REQUEUE,
     SCHEMA_VERSION,
-    UPSERT_ATTEMPT,
-    UPSERT_ATTEMPT_FENCED,
+    STALE_FENCE,
     WF_COLS,
     Conn,
     PostgresOptions,
@@ -445,71 +443,40 @@ class PostgresStore:
             att.committing = True
             self._apply_single(conn, rows)
         else:
-            conn.execute("BEGIN")
+            # One call the server runs to the end without the client: no transaction
+            # is ever left open waiting on a paused worker.
+            if _faults.ENABLED:
+                _faults.point("store: before COMMIT (fsync)")
+            att.committing = True
             try:
-                self._apply_statements(conn, rows)
-                if _faults.ENABLED:
-                    _faults.point("store: before COMMIT (fsync)")
-                att.committing = True
-                conn.execute("COMMIT")
-            except BaseException:
-                rollback_quietly(conn)
+                conn.execute(COMMIT_GROUP, rows.params())
+            except psycopg.Error as exc:
+                if exc.sqlstate == STALE_FENCE:
+                    raise stale([*rows.entries, *rows.attempts]) from None
+                if exc.sqlstate == NOT_RUNNING:
+                    moved = {m[1] for m in rows.moves}
+                    raise WorkflowNotRunning(moved.pop() if len(moved) == 1 else "?") from None
                 raise
         if _faults.ENABLED:
             _faults.point("store: after journal commit")
 
     @staticmethod
-    def _apply_statements(conn: Conn, rows: Rows) -> None:
-        cur = conn.cursor()
-        if rows.creates:
-            cur.executemany(CREATE, rows.creates)
-        if rows.entries:
-            cur.executemany(INSERT_ENTRY, rows.entries)
-        if rows.fenced:
-            cur.executemany(INSERT_ENTRY_FENCED, rows.fenced)
-            if cur.rowcount != len(rows.fenced):
-                raise stale(rows.fenced)
-        if rows.attempts:
-            cur.executemany(UPSERT_ATTEMPT, rows.attempts)
-        if rows.fenced_attempts:
-            cur.executemany(UPSERT_ATTEMPT_FENCED, rows.fenced_attempts)
-            if cur.rowcount != len(rows.fenced_attempts):
-                raise stale(rows.fenced_attempts)
-        if rows.effects:
-            cur.executemany(COMPLETE_EFFECT, [
-                (e.output, e.error, e.expires_at, e.key, e.workflow_id, e.index)
-                for e in rows.effects])
-            cur.executemany(CLEAR_INTENT, [(e.workflow_id, e.index) for e in rows.effects])
-        if rows.requeues:
-            cur.executemany(REQUEUE, rows.requeues)
-            if cur.rowcount != len(rows.requeues):
-                raise WorkflowNotRunning(rows.requeues[0][2] if len(rows.requeues) == 1
-                                         else "?")
-        if rows.marks:
-            cur.executemany(MARK_WAITING, rows.marks)
-            if cur.rowcount != len(rows.marks):
-                raise WorkflowNotRunning(rows.marks[0][2] if len(rows.marks) == 1 else "?")
-        if rows.finishes:
-            cur.executemany(FINISH, rows.finishes)
-            if cur.rowcount != len(rows.finishes):
-                # Some workflow was cancelled or taken over; only a one-batch
-                # transaction can say which, so this one is rolled back.
-                raise WorkflowNotRunning(rows.finishes[0][5] if len(rows.finishes) == 1
-                                         else "?")
-
-    @staticmethod
     def _apply_single(conn: Conn, rows: Rows) -> None:
         if rows.entries:
-            conn.execute(INSERT_ENTRY, rows.entries[0])
-        elif rows.fenced:
-            if conn.execute(INSERT_ENTRY_FENCED, rows.fenced[0]).rowcount != 1:
-                raise stale(rows.fenced)
-        elif rows.finishes:
-            if conn.execute(FINISH, rows.finishes[0]).rowcount != 1:
-                raise WorkflowNotRunning(rows.finishes[0][5])
-        elif rows.marks:
-            if conn.execute(MARK_WAITING, rows.marks[0]).rowcount != 1:
-                raise WorkflowNotRunning(rows.marks[0][2])
+            row = rows.entries[0]
+            if row[-1] is None:
+                conn.execute(INSERT_ENTRY, row[:-1])
+            elif conn.execute(INSERT_ENTRY_FENCED, (*row[:-1], row[0], row[-1])).rowcount != 1:
+                raise stale(rows.entries)
+        elif rows.moves:
+            op, wid, owner, token, status, output, error, reason, at = rows.moves[0]
+            if op == "finish":
+                params = (status, output, error, reason, at, wid, owner, status, token, token)
+                if conn.execute(FINISH, params).rowcount != 1:
+                    raise WorkflowNotRunning(wid)
+            elif conn.execute(MARK_WAITING, (status, reason, wid, owner, token,
+                                             token)).rowcount != 1:
+                raise WorkflowNotRunning(wid)
         else:
             conn.execute(CREATE, rows.creates[0])
 
@@ -946,4 +913,3 @@ class PostgresStore:
                 return
             self._closed = True
         self._pool.close(timeout=1.0)
-
