@@ -263,10 +263,9 @@ class Fleet:
         if cfg.same_host:
             args.append("--same-host")
         env = dict(os.environ)
-        if cfg.idle_tx_timeout is not None:
-            ms = int(cfg.idle_tx_timeout * 1000)
-            env["PGOPTIONS"] = f"{env.get('PGOPTIONS', '')} " \
-                f"-c idle_in_transaction_session_timeout={ms}".strip()
+        if cfg.idle_tx_timeout is not None and self.db.kind == "postgres":
+            args[args.index("--db") + 1] = _with_options(
+                args[args.index("--db") + 1], idle_tx_timeout=str(cfg.idle_tx_timeout))
         with out.open("wb") as o, err.open("wb") as e:
             proc = subprocess.Popen(args, stdout=o, stderr=e, stdin=subprocess.DEVNULL,
                                     env=env)
@@ -998,8 +997,8 @@ def parse(argv: list[str] | None) -> tuple[Config, str | None]:
     p.add_argument("--deadline", type=float, default=600.0)
     p.add_argument("--pool-max", type=int, default=None)
     p.add_argument("--pg-idle-tx-timeout", type=float, default=None, metavar="SECONDS",
-                   help="PostgreSQL: idle_in_transaction_session_timeout for the workers "
-                        "(a mitigation: a paused worker's open transaction is ended)")
+                   help="PostgreSQL: the store's idle_tx_timeout URL option for the "
+                        "workers (default: the store's, 30 s)")
     p.add_argument("--same-host", action="store_true",
                    help="keep the real host name: liveness by pid, not by heartbeat")
     p.add_argument("--keep", action="store_true", help="keep the Postgres schemas")

@@ -31,7 +31,7 @@ from crashsafe.exceptions import (
     StoreUnavailableError,
 )
 from crashsafe.stores import JournalEntry, open_store
-from crashsafe.stores._postgres_sql import translate
+from crashsafe.stores._postgres_sql import is_lost, translate
 from crashsafe.stores.base import CreateWorkflow, FinishWorkflow, Status, WorkflowRecord
 from crashsafe.stores.postgres import SCHEMA_VERSION, PostgresStore, parse_postgres_url, redact
 from helpers import (
@@ -821,3 +821,39 @@ def test_a_queue_limit_holds_across_concurrent_workers(schema: str) -> None:
     finally:
         for s in stores:
             s.close()
+
+
+# -- a client paused inside a transaction ------------------------------------------------
+def test_idle_tx_timeout_is_parsed_and_zero_turns_it_off() -> None:
+    assert parse_postgres_url("postgresql://u@h/db").idle_tx_timeout == 30.0
+    assert parse_postgres_url("postgresql://u@h/db?idle_tx_timeout=0").idle_tx_timeout == 0.0
+    with pytest.raises(ConfigurationError, match=r"idle_tx_timeout .* must be 0 or a positive"):
+        parse_postgres_url("postgresql://u@h/db?idle_tx_timeout=-1")
+
+
+def test_a_client_paused_inside_a_transaction_loses_its_locks_not_the_store(
+        schema: str, admin: psycopg.Connection[Any]) -> None:
+    store = PostgresStore(postgres_url(schema, pool_max=1) + "&idle_tx_timeout=0.3")
+    try:
+        store.create_workflow(wf("w1"))
+        # A worker that stops (SIGSTOP, a debugger) between two statements of a
+        # transaction, holding a row lock.
+        with store._conn("test") as conn:
+            conn.execute("BEGIN")
+            conn.execute("SELECT 1 FROM workflows WHERE id = 'w1' FOR UPDATE")
+            admin.execute("SET lock_timeout = '5s'")
+            started = time.monotonic()
+            # Another worker can take the row once the server has ended the session.
+            admin.execute(f'UPDATE "{schema}".workflows SET reason = %s WHERE id = %s',
+                          ("taken", "w1"))
+            waited = time.monotonic() - started
+            with pytest.raises(psycopg.Error) as woke:
+                conn.execute("SELECT 1")  # the paused worker wakes up to a closed session
+            assert is_lost(woke.value)  # handled as a dropped connection: retried
+        assert 0.2 < waited < 3.0
+        # The store replaces the dead connection and goes on.
+        assert store.apply([[entry("w1", 0)]]) == [None]
+        rec = store.get_workflow("w1")
+        assert rec is not None and rec.reason == "taken"
+    finally:
+        store.close()

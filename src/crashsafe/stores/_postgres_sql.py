@@ -313,11 +313,12 @@ OUTCOME_WAIT = 10.0
 server (its backend may still be running) before reporting the store unavailable."""
 
 _DEFAULT_SCHEMA = "crashsafe"
-_OWN_OPTIONS = ("schema", "pool_min", "pool_max", "pool_timeout", "connect_timeout")
+_OWN_OPTIONS = ("schema", "pool_min", "pool_max", "pool_timeout", "connect_timeout",
+                "idle_tx_timeout")
 _LIBPQ_OPTIONS = ("sslmode", "sslrootcert", "sslcert", "sslkey", "application_name")
 _KNOWN = ("schema=NAME, pool_min=N, pool_max=N, pool_timeout=SECONDS, "
-          "connect_timeout=SECONDS, and libpq's sslmode, sslrootcert, sslcert, sslkey, "
-          "application_name")
+          "connect_timeout=SECONDS, idle_tx_timeout=SECONDS, and libpq's sslmode, "
+          "sslrootcert, sslcert, sslkey, application_name")
 
 
 @dataclass(frozen=True, slots=True)
@@ -331,6 +332,9 @@ class PostgresOptions:
     pool_max: int = 8
     pool_timeout: float = 30.0
     connect_timeout: float = 10.0
+    idle_tx_timeout: float = 30.0
+    """The server ends a session that sits inside a transaction this long waiting on
+    its client (a paused or hung worker), freeing its locks; 0: never."""
 
 
 def redact(url: str) -> str:
@@ -370,6 +374,8 @@ def parse_postgres_url(url: str) -> PostgresOptions:
         pool_max=pool_max,
         pool_timeout=_seconds_option(options, "pool_timeout", 30.0, shown),
         connect_timeout=_seconds_option(options, "connect_timeout", 10.0, shown),
+        idle_tx_timeout=_seconds_option(options, "idle_tx_timeout", 30.0, shown,
+                                        zero_ok=True),
     )
 
 
@@ -396,13 +402,15 @@ def _int_option(options: dict[str, str], name: str, default: int, minimum: int,
     return value
 
 
-def _seconds_option(options: dict[str, str], name: str, default: float, shown: str) -> float:
+def _seconds_option(options: dict[str, str], name: str, default: float, shown: str, *,
+                    zero_ok: bool = False) -> float:
     try:
         value = float(options.get(name, default))
     except ValueError:
         value = 0.0
-    if not value > 0:
-        raise ConfigurationError(f"{name} in {shown!r} must be a positive number of seconds")
+    if not (value > 0 or (zero_ok and value == 0)):
+        what = "0 or a positive" if zero_ok else "a positive"
+        raise ConfigurationError(f"{name} in {shown!r} must be {what} number of seconds")
     return value
 
 
@@ -414,7 +422,8 @@ def message(exc: BaseException) -> str:
 def is_lost(exc: psycopg.Error) -> bool:
     """The connection is gone (terminated, server restarted, network cut)."""
     state = exc.sqlstate or ""
-    if state.startswith(("08", "57P")):
+    # 25P03: the server ended a session left idle inside a transaction (idle_tx_timeout).
+    if state.startswith(("08", "57P")) or state == "25P03":
         return True
     # libpq reports a socket that closed under it without any SQLSTATE.
     return isinstance(exc, psycopg.OperationalError) and not state

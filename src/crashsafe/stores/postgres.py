@@ -8,6 +8,8 @@ URL: ``postgresql://user[:password]@host[:port]/dbname[?option=value&...]``
 * ``pool_min=N`` / ``pool_max=N``: connections kept open / open at most (1 and 8);
 * ``pool_timeout=SECONDS``: how long a call waits for a free connection (30);
 * ``connect_timeout=SECONDS``: how long opening a connection may take (10);
+* ``idle_tx_timeout=SECONDS``: the server ends a session left inside a transaction
+  this long by a paused or hung client, freeing its locks (30; 0: never);
 * ``sslmode``, ``sslrootcert``, ``sslcert``, ``sslkey``, ``application_name``:
   passed to libpq as they are.
 
@@ -166,7 +168,9 @@ class PostgresStore:
     def _configure(self, conn: Conn) -> None:
         # Our own statements name tables unqualified; the search path points them at
         # crashsafe's schema (set as a parameter: no identifier is ever formatted in).
-        conn.execute("SELECT set_config('search_path', %s, false)", (self._schema_path,))
+        conn.execute("SELECT set_config('search_path', %s, false), "
+                     "set_config('idle_in_transaction_session_timeout', %s, false)",
+                     (self._schema_path, str(round(self.options.idle_tx_timeout * 1000))))
 
     def _connect(self) -> Conn:
         try:
@@ -732,7 +736,11 @@ class PostgresStore:
                        record: Callable[[Any], JournalEntry], att: _Attempt) -> Any:
         conn.execute("BEGIN")
         try:
-            conn.execute("SELECT set_config('search_path', %s, true)", (self._user_path,))
+            # The step's own work may take its time inside the transaction: the idle
+            # timeout that frees a paused worker's locks does not apply to it.
+            conn.execute("SELECT set_config('search_path', %s, true), "
+                         "set_config('idle_in_transaction_session_timeout', '0', true)",
+                         (self._user_path,))
             att.in_work = True
             value = work(TransactionCursor(conn))
             att.in_work = False
