@@ -26,7 +26,7 @@ LEASE = 1.0
 
 
 def _app(db: Path) -> App:
-    return App(f"sqlite:///{db}", lease=LEASE, heartbeat_interval=0.1, recovery_interval=0.1)
+    return App(f"sqlite:///{db}", lease=LEASE, heartbeat_interval=0.2, recovery_interval=0.1)
 
 
 def _register(app: App) -> Any:

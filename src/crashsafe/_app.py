@@ -54,6 +54,10 @@ from .stores.sealed import SealedStore, sealed
 
 log = logging.getLogger("crashsafe")
 
+_JUDGE_BEATS = 3
+"""Others' late heartbeats are evidence only while ours got through within this many
+heartbeat intervals, and from this many intervals after ours resumed from a gap."""
+
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -590,11 +594,11 @@ class App:
                 self._sync_clock()
                 self.store.heartbeat(self.executor_id, self.clock())
                 now = time.monotonic()
-                if now - self._beat_ok_at >= 2 * self.heartbeat_interval:
+                if now - self._beat_ok_at >= _JUDGE_BEATS * self.heartbeat_interval:
                     # Our own beats did not get through (the store stalled, or we were
                     # paused or starved): the others' most likely did not either. Give
-                    # them a lease to beat again before judging anyone by it.
-                    self._no_judging_until = now + self.lease
+                    # them time to beat again before judging anyone by it.
+                    self._no_judging_until = now + _JUDGE_BEATS * self.heartbeat_interval
                 self._beat_ok_at = now
             except Exception as exc:  # keep beating; the next one may get through
                 log.warning("crashsafe heartbeat failed: %s", exc, exc_info=True)
@@ -810,7 +814,7 @@ class App:
         mono = time.monotonic()
         # Late heartbeats prove a death only while ours get through on time.
         judge = (mono >= self._no_judging_until
-                 and mono - self._beat_ok_at < 2 * self.heartbeat_interval)
+                 and mono - self._beat_ok_at < _JUDGE_BEATS * self.heartbeat_interval)
         dead = {o for o in owners
                 if not executor_alive(executors.get(o), self.lease, now, by_heartbeat=judge)}
         claims = [
