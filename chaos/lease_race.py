@@ -343,17 +343,18 @@ class Fleet:
             # "active" reading from the client in the middle of a pipeline (psycopg's
             # executemany), which idle_in_transaction_session_timeout does not cover.
             rows = conn.execute(
-                "SELECT pid, state, wait_event FROM pg_stat_activity "
+                "SELECT pid, state, wait_event, left(query, 70) FROM pg_stat_activity "
                 "WHERE application_name = %s AND xact_start IS NOT NULL", (me,)).fetchall()
-            open_tx = [pid for pid, state, wait in rows if state and (
+            open_tx = [(pid, query) for pid, state, wait, query in rows if state and (
                 "in transaction" in state or (state == "active" and wait == "ClientRead"))]
             if not open_tx:
                 return ""
             waiting = conn.execute(
                 "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE %s "
                 "AND pg_blocking_pids(pid) && %s::int[]",
-                (f"{self.app_name}-w%", open_tx)).fetchone()[0]
-            return f"open transaction ({waiting} sessions waiting on its locks)"
+                (f"{self.app_name}-w%", [pid for pid, _ in open_tx])).fetchone()[0]
+            last = "; ".join(" ".join((q or "").split()) for _, q in open_tx)
+            return f"open transaction ({waiting} sessions waiting on its locks; last: {last})"
         finally:
             conn.close()
 

@@ -43,7 +43,9 @@ def test_connection_cut_at_statements_of_a_workflow_loses_and_duplicates_nothing
         try:
             campaign.calibrate()
             kinds = campaign.reference["kinds"]
-            assert kinds["commit"] >= 5 and kinds["autocommit write"] >= 5, kinds
+            # Group commits, claims and dequeues are single statements (their own
+            # transactions); a few calls still end in an explicit COMMIT.
+            assert kinds["commit"] >= 1 and kinds["autocommit write"] >= 5, kinds
             commits = [(s.number, m) for s in campaign.calibration
                        for m in r5.MODES if s.commits]
             others = [(s.number, m) for s in campaign.calibration
@@ -64,8 +66,8 @@ def test_connection_cut_at_statements_of_a_workflow_loses_and_duplicates_nothing
     assert len(cut) >= TRIALS * 9 // 10  # statement numbers drift a little between runs
     assert {r.mode for r in cut} == set(r5.MODES)
     assert any(r.restart for r in cut)
-    truth = Counter(r.landed for r in cut if r.kind == "commit")
-    assert truth[True] and truth[False], truth  # both outcomes of a lost COMMIT answer
+    truth = Counter(r.landed for r in cut if r.kind in ("commit", "autocommit write"))
+    assert truth[True] and truth[False], truth  # both outcomes of a lost commit answer
     assert sum(r.kind in ("commit", "autocommit write") for r in cut) >= TRIALS // 2
 
 

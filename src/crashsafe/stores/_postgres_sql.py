@@ -36,7 +36,7 @@ from .base import (
 
 Conn = psycopg.Connection[tuple[Any, ...]]
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # Each entry upgrades the schema from version i to i + 1. Never edit a shipped entry:
 # append a new one. Keys and ids use the "C" collation so ordering and prefix
@@ -265,6 +265,40 @@ MIGRATIONS: list[str] = [
     END
     $body$;
     """,
+    # v4: a dequeue is a single call too, for the same reason as v3: a worker paused
+    # between its locking read and its update held rows the others skip.
+    """
+    CREATE FUNCTION dequeue_group(q text, new_owner text, lim integer, queue_limit integer,
+                                  now double precision, lock_key bigint)
+    RETURNS SETOF workflows LANGUAGE plpgsql AS $body$
+    DECLARE
+        take integer := lim;
+        busy bigint;
+    BEGIN
+        IF queue_limit IS NOT NULL THEN
+            -- Counting the queue's running workflows and taking more must not interleave
+            -- with another worker doing the same, or both would fill the same slots.
+            PERFORM pg_advisory_xact_lock(lock_key);
+            SELECT count(*) INTO busy FROM workflows
+            WHERE queue = q AND status IN ('running', 'waiting', 'cancelling');
+            take := least(take, queue_limit - busy);
+        END IF;
+        IF take <= 0 THEN
+            RETURN;
+        END IF;
+        RETURN QUERY
+        UPDATE workflows w SET status = 'running', owner = new_owner, token = w.token + 1,
+                               updated_at = now, reason = NULL
+        FROM (SELECT id FROM workflows
+              WHERE queue = q AND status = 'enqueued'
+                AND (not_before IS NULL OR not_before <= now)
+              ORDER BY priority DESC, created_at, id LIMIT take
+              FOR UPDATE SKIP LOCKED) AS pick
+        WHERE w.id = pick.id
+        RETURNING w.*;
+    END
+    $body$;
+    """,
 ]
 
 NOW = "extract(epoch FROM clock_timestamp())::float8"
@@ -304,6 +338,41 @@ MARK_WAITING = (
     "WHERE id = %s AND status IN ('running', 'waiting') AND owner = %s "
     "AND (%s::bigint IS NULL OR token = %s)"
 )
+
+# A recovery sweep's claims in one statement (the same decision as base.decide_claim):
+# the first claim of each id counts; rows a paused writer still locks are skipped, not
+# waited on (the next sweep tries them again).
+CLAIM = (
+    "WITH wanted AS ("
+    " SELECT DISTINCT ON (u.id) u.id, u.owner"
+    " FROM unnest(%(ids)s::text[], %(owners)s::text[]) WITH ORDINALITY AS u(id, owner, n)"
+    " ORDER BY u.id, u.n"
+    "), locked AS ("
+    " SELECT w.id, w.recovery_attempts, w.recovery_mark FROM workflows w"
+    " JOIN wanted ON wanted.id = w.id"
+    " WHERE w.owner IS NOT DISTINCT FROM wanted.owner"
+    " AND w.status IN ('running', 'waiting', 'cancelling')"
+    " ORDER BY w.id FOR UPDATE OF w SKIP LOCKED"
+    "), decided AS ("
+    " SELECT l.id, CASE WHEN c.len > l.recovery_mark THEN 1"
+    " ELSE l.recovery_attempts + 1 END AS attempts, greatest(c.len, l.recovery_mark) AS mark"
+    " FROM locked l CROSS JOIN LATERAL"
+    " (SELECT count(*) AS len FROM journal j WHERE j.workflow_id = l.id) c"
+    "), moved AS (UPDATE workflows w SET recovery_attempts = d.attempts, recovery_mark = d.mark,"
+    f" updated_at = {NOW},"
+    " status = CASE WHEN d.attempts > %(max)s THEN 'dead_letter' ELSE w.status END,"
+    " owner = CASE WHEN d.attempts > %(max)s THEN NULL ELSE %(owner)s END,"
+    " reason = CASE WHEN d.attempts > %(max)s THEN %(reason)s ELSE w.reason END,"
+    " token = CASE WHEN d.attempts > %(max)s THEN w.token ELSE w.token + 1 END"
+    " FROM decided d WHERE w.id = d.id"
+    " RETURNING " + ", ".join(f"w.{c}" for c in WF_COLS.split(", ")) + ") "
+    # Rows this executor owns already: a retry after a lost reply finds its own claims.
+    f"SELECT {WF_COLS} FROM moved UNION ALL "
+    "SELECT " + ", ".join(f"w.{c}" for c in WF_COLS.split(", ")) + " FROM workflows w"
+    " JOIN wanted ON wanted.id = w.id WHERE w.owner = %(owner)s"
+    " AND w.status IN ('running', 'waiting', 'cancelling')"
+)
+DEQUEUE = f"SELECT {WF_COLS} FROM dequeue_group(%s, %s, %s, %s, %s, %s)"
 
 CONFLICT_RETRIES = 5
 """Serialization failures and deadlocks retried inside one call before giving up."""

@@ -298,6 +298,12 @@ class ClaimResult:
     record: WorkflowRecord | None = None
 
 
+def dead_letter_reason(max_recoveries: int) -> str:
+    """Why :func:`decide_claim` parked a workflow as a dead letter."""
+    return (f"recovered {max_recoveries} times without finishing (the process probably "
+            "crashes while running it); fix the cause, then `crashsafe resume`")
+
+
 def decide_claim(rec: WorkflowRecord, new_owner: str, max_recoveries: int,
                  journal_length: int, at: float) -> ClaimResult:
     """Count one more recovery of ``rec`` (in place): hand it to ``new_owner``, or park
@@ -314,10 +320,7 @@ def decide_claim(rec: WorkflowRecord, new_owner: str, max_recoveries: int,
     if rec.recovery_attempts > max_recoveries:
         rec.status = Status.DEAD_LETTER
         rec.owner = None
-        rec.reason = (
-            f"recovered {max_recoveries} times without finishing (the process probably "
-            "crashes while running it); fix the cause, then `crashsafe resume`"
-        )
+        rec.reason = dead_letter_reason(max_recoveries)
         return ClaimResult(claimed=False, dead_lettered=True, record=rec)
     rec.owner = new_owner
     rec.token += 1  # the previous holder's writes are refused from now on

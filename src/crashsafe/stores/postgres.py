@@ -62,9 +62,11 @@ from ..exceptions import (
 from ._payload_sql import rewind_rows, rewrite_rows
 from ._postgres_sql import (
     ATTEMPT_COLS,
+    CLAIM,
     COMMIT_GROUP,
     CONFLICT_RETRIES,
     CREATE,
+    DEQUEUE,
     EFFECT_COLS,
     FINISH,
     INSERT_ENTRY,
@@ -114,7 +116,7 @@ from .base import (
     WorkflowExists,
     WorkflowNotRunning,
     WorkflowRecord,
-    decide_claim,
+    dead_letter_reason,
 )
 
 R = TypeVar("R")
@@ -529,45 +531,30 @@ class PostgresStore:
     def claim_workflows(
         self, claims: Sequence[tuple[str, str | None]], new_owner: str, max_recoveries: int
     ) -> list[ClaimResult]:
-        """Set-based: one locking read, one count, one batch of updates for the whole
-        list (recovering 10,000 workflows costs a few round trips, not 30,000)."""
-        def body(conn: Conn) -> list[ClaimResult]:
-            ids = [wid for wid, _ in claims]
-            rows = conn.execute(
-                f"SELECT {WF_COLS}, {NOW} FROM workflows WHERE id = ANY(%s) "
-                "AND status IN ('running', 'waiting', 'cancelling') ORDER BY id "
-                # A row a paused writer still locks is skipped, not waited on (no
-                # deadlock with its group commit): the next sweep tries it again.
-                "FOR UPDATE SKIP LOCKED",
-                (ids,)).fetchall()
-            found = {r[0]: r for r in rows}
-            lengths: dict[str, int] = dict(conn.execute(
-                "SELECT workflow_id, count(*) FROM journal WHERE workflow_id = ANY(%s) "
-                "GROUP BY workflow_id", (list(found),)).fetchall()) if found else {}
-            results: list[ClaimResult] = []
-            updates: list[tuple[Any, ...]] = []
-            for wid, expected_owner in claims:
-                row = found.get(wid)
-                if row is None or row_to_workflow(row).owner != expected_owner:
-                    results.append(ClaimResult(claimed=False))
-                    continue
-                rec = row_to_workflow(row)
-                res = decide_claim(rec, new_owner, max_recoveries, int(lengths.get(wid, 0)),
-                                   row[-1])
-                results.append(res)
-                updates.append((rec.status.value, rec.owner, rec.reason,
-                                 rec.recovery_attempts, rec.recovery_mark, rec.updated_at,
-                                 rec.token, wid))
-                found.pop(wid)  # a duplicate claim in the list finds it taken
-            if updates:
-                with conn.cursor() as cur:
-                    cur.executemany(
-                        "UPDATE workflows SET status = %s, owner = %s, reason = %s, "
-                        "recovery_attempts = %s, recovery_mark = %s, updated_at = %s, "
-                        "token = %s WHERE id = %s", updates)
-            return results
-
-        return self._run("recovering workflows", body)
+        """One statement for the whole list (recovering 10,000 workflows is one round
+        trip per 500 of them), which the server finishes without the client: a worker
+        paused mid-claim holds no row the others must skip."""
+        if not claims:
+            return []
+        params = {"ids": [wid for wid, _ in claims], "owners": [o for _, o in claims],
+                  "owner": new_owner, "max": max_recoveries,
+                  "reason": dead_letter_reason(max_recoveries)}
+        # Its own transaction: if the reply is lost, the retry finds nothing left to
+        # claim, and the next sweep resumes what this process already owns.
+        rows = self._run("recovering workflows",
+                         lambda conn: conn.execute(CLAIM, params).fetchall(),
+                         transaction=False)
+        moved = {r[0]: row_to_workflow(r) for r in rows}
+        results: list[ClaimResult] = []
+        for wid, _owner in claims:
+            rec = moved.pop(wid, None)  # a duplicate claim in the list finds it taken
+            if rec is None:
+                results.append(ClaimResult(claimed=False))
+            elif rec.status is Status.DEAD_LETTER:
+                results.append(ClaimResult(claimed=False, dead_lettered=True, record=rec))
+            else:
+                results.append(ClaimResult(claimed=True, record=rec))
+        return results
 
     def set_status(
         self,
@@ -845,36 +832,14 @@ class PostgresStore:
                                         (queue, now)):
             return []
 
-        def body(conn: Conn) -> list[WorkflowRecord]:
-            take = limit
-            if queue_limit is not None:
-                # Counting the queue's running workflows and taking more must not
-                # interleave with another worker doing the same, or both would fill
-                # the same free slots.
-                conn.execute("SELECT pg_advisory_xact_lock(%s)", (lock_id("queue", queue),))
-                row = conn.execute(
-                    "SELECT count(*) FROM workflows WHERE queue = %s "
-                    "AND status IN ('running', 'waiting', 'cancelling')", (queue,)).fetchone()
-                take = min(take, queue_limit - (row[0] if row else 0))
-                if take <= 0:
-                    return []
-            # SKIP LOCKED: rows another worker is taking right now are left to it.
-            rows = conn.execute(
-                f"SELECT {WF_COLS} FROM workflows WHERE {ready} "
-                "ORDER BY priority DESC, created_at, id LIMIT %s FOR UPDATE SKIP LOCKED",
-                (queue, now, take)).fetchall()
-            taken = [row_to_workflow(r) for r in rows]
-            for rec in taken:
-                rec.status, rec.owner, rec.token = Status.RUNNING, owner, rec.token + 1
-                rec.updated_at, rec.reason = now, None
-            if taken:
-                conn.cursor().executemany(
-                    "UPDATE workflows SET status = 'running', owner = %s, token = %s, "
-                    "updated_at = %s, reason = NULL WHERE id = %s AND status = 'enqueued'",
-                    [(owner, r.token, now, r.id) for r in taken])
-            return taken
+        # One call: the count under the queue's advisory lock, the SKIP LOCKED pick and
+        # the update all run on the server, so a paused worker holds nothing.
+        params = (queue, owner, limit, queue_limit, now, lock_id("queue", queue))
 
-        return self._run(f"taking work from queue {queue!r}", body)
+        def body(conn: Conn) -> list[WorkflowRecord]:
+            return [row_to_workflow(r) for r in conn.execute(DEQUEUE, params).fetchall()]
+
+        return self._run(f"taking work from queue {queue!r}", body, transaction=False)
 
     def rewind(self, workflow_id: str, from_index: int, reason: str, at: float) -> int:
         def body(conn: Conn) -> int:
