@@ -173,6 +173,9 @@ class App:
         # not get through on time) others' late heartbeats prove nothing (monotonic).
         self._beat_ok_at = time.monotonic()
         self._no_judging_until = 0.0
+        # One recovery sweep at a time; the background one's last resumed handles.
+        self._sweep_lock = threading.Lock()
+        self._swept: list[WorkflowHandle[Any]] = []
         # Sync workflows parked for a distant retry: id -> when to resume them.
         self._suspended: dict[str, float] = {}
         self._breakers: dict[str, CircuitBreaker] = {}
@@ -581,7 +584,7 @@ class App:
                     self._resilience_obj.flush()
                     next_flush = now + 1.0
                 if now >= next_sweep:
-                    self.recover()
+                    self._sweep()
                     if self.effect_retention is not None:
                         self.store.purge_effects(time.time())
                     next_sweep = now + self.recovery_interval
@@ -790,9 +793,31 @@ class App:
 
         Never takes a workflow from a live process. A workflow recovered more than
         ``max_recoveries`` times becomes a dead letter instead. Returns handles to the
-        workflows resumed here.
+        workflows resumed here (also by the background sweep this call waited for).
         """
         self._ensure_launched()
+        waited = not self._sweep_lock.acquire(blocking=False)
+        if waited:
+            self._sweep_lock.acquire()
+        try:
+            handles = self._recover()
+            if waited:  # the sweep we waited for may have resumed what we came for
+                seen = {h.workflow_id for h in handles}
+                handles[:0] = [h for h in self._swept if h.workflow_id not in seen]
+            self._swept = []
+            return handles
+        finally:
+            self._sweep_lock.release()
+
+    def _sweep(self) -> None:
+        """The background sweep: skipped while a recover() call runs."""
+        if self._sweep_lock.acquire(blocking=False):
+            try:
+                self._swept = self._recover()
+            finally:
+                self._sweep_lock.release()
+
+    def _recover(self) -> list[WorkflowHandle[Any]]:
         rows = self.store.running_workflows("")
         if not rows:
             return []
