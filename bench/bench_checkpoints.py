@@ -9,12 +9,16 @@ repetitions of all cases interleaved (see bench/README.md):
   dict). Two sizes: ``small`` (the history grows from ~1 KB to ~3.3 KB, as in
   PEERS.md) and ``large`` (~1 KB per message, ~40 KB at the end); ``--runs`` runs (10)
   per database. Reported per run: the sum of the stored payload bytes and the growth of
-  the SQLite file (after ``PRAGMA wal_checkpoint(TRUNCATE)`` + ``VACUUM``) over a
-  database holding only the schema; also the whole files.
+  the SQLite file plus its WAL (after ``PRAGMA wal_checkpoint(TRUNCATE)`` + ``VACUUM``;
+  ``file_growth_novac_per_run`` without the ``VACUUM``) over a database holding only the
+  schema, measured the same way for both libraries; also the whole files.
 * **latency** (``lat_*``): ``crashsafe.checkpoint(state)`` of a ~100 KB state (100
   messages of ~1 KB and a small dict), one message appended per checkpoint, timed around
   the call (which commits its journal entry); p50/p95/p99 with ``synchronous=FULL`` and
   ``normal``, with and without encryption; a raw SQLite one-row commit for scale.
+  ``lat_full_auto`` takes the same checkpoints through ``CheckpointPolicy(every_steps=1)``
+  instead: each timed call is a trivial step that takes the checkpoint and commits it
+  with its own result.
 
     python bench/bench_checkpoints.py                 # 3 reps, all cases (~2-3 minutes)
     python bench/bench_checkpoints.py --reps 1 --cases store_small_crashsafe,store_small_langgraph
@@ -113,6 +117,15 @@ def json_size(value: Any) -> int:
 
 
 # ------------------------------------------------------------------ measuring files
+
+
+def checkpointed_size(db: str) -> int:
+    """Bytes of the database file plus its WAL after folding the WAL in
+    (``PRAGMA wal_checkpoint(TRUNCATE)``), as the run left the pages (no VACUUM)."""
+    with closing(sqlite3.connect(db, isolation_level=None)) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    wal = db + "-wal"
+    return os.path.getsize(db) + (os.path.getsize(wal) if os.path.exists(wal) else 0)
 
 
 def vacuumed_size(db: str) -> int:
@@ -230,11 +243,14 @@ def _file_figures(args: argparse.Namespace, result: h.JsonDict, blobs: dict[str,
     result["runs"] = args.runs
     result["blobs"] = blobs
     result["payload_per_run"] = sum(blobs.values()) / args.runs
+    result["file_bytes_novac"] = checkpointed_size(args.db)
     result["file_bytes"] = vacuumed_size(args.db)
     empty = os.path.join(os.path.dirname(args.db), "empty.db")
     empty_db(empty)
     result["empty_file_bytes"] = vacuumed_size(empty)
     result["file_growth_per_run"] = (result["file_bytes"] - result["empty_file_bytes"]) / args.runs
+    result["file_growth_novac_per_run"] = (
+        result["file_bytes_novac"] - result["empty_file_bytes"]) / args.runs
     return result
 
 
@@ -352,7 +368,8 @@ def _latency_summary(times_ms: list[float], prefix: str = "") -> h.JsonDict:
     }
 
 
-def _latency_crashsafe(args: argparse.Namespace, synchronous: str, encrypted: bool) -> h.JsonDict:
+def _latency_crashsafe(args: argparse.Namespace, synchronous: str, encrypted: bool,
+                       auto: bool = False) -> h.JsonDict:
     _set_keys(encrypted)
     import crashsafe
     from crashsafe import _checkpoint, _codec
@@ -365,9 +382,21 @@ def _latency_crashsafe(args: argparse.Namespace, synchronous: str, encrypted: bo
     cpu: list[float] = []  # CPU time of the whole process (all threads) during the call
     kinds: list[bool] = []  # full snapshot?
 
-    @app.workflow(name="agent")
+    @app.step(name="tick")
+    def tick(i: int) -> int:
+        return i
+
+    # auto: CheckpointPolicy(every_steps=1) instead of checkpoint(). Each timed call is
+    # then a (trivial) step whose start takes the checkpoint of the state as updated
+    # since the previous step; it is committed with the step's result.
+    policy = crashsafe.CheckpointPolicy(every_steps=1) if auto else None
+
+    @app.workflow(name="agent", checkpoint=policy)
     def agent(k: int, wid: int) -> int:
         state = base  # the workflow's in-memory state; arguments stay small
+        crashsafe.track(lambda: state)
+        if auto:
+            tick(-1)
         for i in range(k):
             msg = {"role": "user" if i % 2 else "assistant",
                    "content": text(900_000 + 1000 * wid + i, args.lat_chars)}
@@ -375,11 +404,14 @@ def _latency_crashsafe(args: argparse.Namespace, synchronous: str, encrypted: bo
             state = {"messages": msgs, "meta": meta(i + 1, msgs)}
             c0 = time.process_time()
             t0 = time.perf_counter()
-            crashsafe.checkpoint(state)
+            if auto:
+                tick(i)
+            else:
+                crashsafe.checkpoint(state)
             times.append((time.perf_counter() - t0) * 1e3)
             cpu.append((time.process_time() - c0) * 1e3)
             kinds.append(i % every == 0)
-        return k
+        return k  # auto: the end takes one more checkpoint (untimed, not counted)
 
     app.launch()
     started = time.perf_counter()
@@ -388,7 +420,7 @@ def _latency_crashsafe(args: argparse.Namespace, synchronous: str, encrypted: bo
             timeout=RESULT_TIMEOUT_S)
         assert out == args.lat_checkpoints, out
     elapsed = time.perf_counter() - started
-    infos = app.checkpoints(f"lat-{args.lat_workflows - 1}")
+    infos = app.checkpoints(f"lat-{args.lat_workflows - 1}")[:args.lat_checkpoints]
     assert len(infos) == args.lat_checkpoints
     assert [i.full for i in infos] == kinds[-args.lat_checkpoints:], "unexpected full/delta"
     last = app.checkpoint_state(f"lat-{args.lat_workflows - 1}")
@@ -438,10 +470,15 @@ def _latency_crashsafe(args: argparse.Namespace, synchronous: str, encrypted: bo
         **parts,
     }
     with closing(sqlite3.connect(args.db)) as conn:
-        result["sealed_delta_bytes"] = statistics.median(
-            r[0] for r in conn.execute(
-                "SELECT length(output) FROM journal WHERE kind = 'checkpoint' "
-                "AND idx % ? != 0", (every,)))
+        rows = conn.execute("SELECT workflow_id, length(output) FROM journal "
+                            "WHERE kind = 'checkpoint' ORDER BY workflow_id, idx").fetchall()
+        ordinals: dict[str, int] = {}
+        deltas = []
+        for wid, length in rows:
+            n = ordinals[wid] = ordinals.get(wid, -1) + 1
+            if n % every:
+                deltas.append(length)
+        result["sealed_delta_bytes"] = statistics.median(deltas)
     return result
 
 
@@ -487,6 +524,8 @@ CASES.update({
     "lat_full": partial(_latency_crashsafe, synchronous="full", encrypted=False),
     "lat_normal": partial(_latency_crashsafe, synchronous="normal", encrypted=False),
     "lat_full_enc": partial(_latency_crashsafe, synchronous="full", encrypted=True),
+    "lat_full_auto": partial(_latency_crashsafe, synchronous="full", encrypted=False,
+                             auto=True),
     "lat_normal_enc": partial(_latency_crashsafe, synchronous="normal", encrypted=True),
     "raw_commit_full": partial(_raw_commit, synchronous="FULL"),
     "raw_commit_normal": partial(_raw_commit, synchronous="NORMAL"),

@@ -779,3 +779,219 @@ def rewrite_payloads_visits_every_payload_of_one_workflow(factory: StoreFactory)
         assert must_get(store, "w2").inputs == b"in-w2"
         assert store.get_signal("w2", "approval", 0) == b"yes"
         assert store.rewrite_payloads("nobody", upper) == 0
+
+
+@check
+def payloads_of_rolled_back_entries_and_dropped_workflows_are_reached(
+        factory: StoreFactory) -> None:
+    """What ``crashsafe keys rotate`` and ``crashsafe verify`` must not miss: the entries
+    a rollback keeps for audit, and the effect outcomes kept after retention dropped the
+    workflow that recorded them."""
+    from crashsafe.stores.base import CompleteEffect
+
+    with opened(factory) as store:
+        store.create_workflow(wf("live", inputs=b"in"))
+        store.apply([[entry("live", 0, output=b"kept"),
+                      JournalEntry("live", 1, "step", "s", None, b"err1", 1, 1.0, 2.0),
+                      entry("live", 2, output=b"out2")]])
+        store.send_signal("live", "go", b"sig", 3.0)
+        assert store.rewind("live", 1, "operator", 4.0) == 2
+        store.create_workflow(wf("gone"))
+        store.begin_effect("gone", 0, "pay", "key-gone", "h", 1.0)
+        store.apply([[entry("gone", 0, output=b"paid"),
+                      CompleteEffect("key-gone", "gone", 0, b"receipt", None, 2.0),
+                      FinishWorkflow("gone", "ex-1", Status.SUCCEEDED, b"done", at=5.0)]])
+        assert store.drop_workflows(["gone"], 10.0 ** 12) == ["gone"]
+        assert store.get_workflow("gone") is None
+
+        assert store.orphaned_workflow_ids() == ["gone"]
+        assert store.load_payloads(["gone"]) == [
+            ("gone", "effects", 0, "effect-output", b"receipt")]
+        live = [("live", "workflows", -1, "inputs", b"in"),
+                ("live", "journal", 0, "output", b"kept"),
+                ("live", "signals", 0, "signal:go", b"sig"),
+                ("live", "rewound", 1, "error", b"err1"),
+                ("live", "rewound", 2, "output", b"out2")]
+        assert sorted(store.load_payloads(["live"])) == sorted(live)
+        both = store.load_payloads(["gone", "nobody", "live"])  # grouped, in that order
+        assert both[0] == ("gone", "effects", 0, "effect-output", b"receipt")
+        assert sorted(both[1:]) == sorted(live)
+        assert store.load_payloads(["nobody"]) == store.load_payloads([]) == []
+
+        def upper(index: int, kind: str, data: bytes) -> bytes | None:
+            return data.upper()
+
+        assert store.rewrite_payloads("gone", upper) == 1
+        effect = store.get_effect("key-gone")
+        assert effect is not None and effect.output == b"RECEIPT"
+        assert store.rewrite_payloads("live", upper) == 5
+        assert [(e.index, e.output, e.error) for _, _, e in store.load_rewound("live")] == [
+            (1, None, b"ERR1"), (2, b"OUT2", None)]
+        assert store.get_signal("live", "go", 0) == b"SIG"
+        # A workflow started again under a dropped id is no orphan any more.
+        store.create_workflow(wf("gone"))
+        assert store.orphaned_workflow_ids() == []
+
+
+# -- retention ------------------------------------------------------------------------------
+def _finished(store: Store, wid: str, at: float, *, status: Status = Status.SUCCEEDED,
+              parent_id: str | None = None) -> None:
+    rec = wf(wid, status=status, owner=None, created_at=at, parent_id=parent_id)
+    rec.updated_at = at
+    store.create_workflow(rec)
+
+
+@check
+def finished_workflows_pages_by_finish_time(factory: StoreFactory) -> None:
+    with opened(factory) as store:
+        for i, status in enumerate([Status.SUCCEEDED, Status.FAILED, Status.CANCELLED,
+                                    Status.DEAD_LETTER]):
+            _finished(store, f"f{i}", 100.0 + i, status=status)
+        _finished(store, "tie-b", 103.0)
+        _finished(store, "late", 500.0)
+        for status in (Status.RUNNING, Status.WAITING, Status.CANCELLING, Status.ENQUEUED):
+            store.create_workflow(wf(f"active-{status.value}", status=status,
+                                     created_at=1.0))
+        assert store.finished_workflows(200.0, None, 10) == [
+            ("f0", 100.0), ("f1", 101.0), ("f2", 102.0), ("f3", 103.0), ("tie-b", 103.0)]
+        # keyset pagination: strictly after (updated_at, id), ties broken by id
+        first = store.finished_workflows(200.0, None, 3)
+        assert [w for w, _ in first] == ["f0", "f1", "f2"]
+        rest = store.finished_workflows(200.0, (first[-1][1], first[-1][0]), 3)
+        assert [w for w, _ in rest] == ["f3", "tie-b"]
+        assert store.finished_workflows(200.0, (103.0, "f3"), 10) == [("tie-b", 103.0)]
+        assert store.finished_workflows(float("inf"), None, 100)[-1] == ("late", 500.0)
+        assert store.finished_workflows(200.0, None, 0) == []
+
+
+@check
+def finished_workflows_roots_skip_children_of_kept_parents(factory: StoreFactory) -> None:
+    with opened(factory) as store:
+        store.create_workflow(wf("parent", created_at=1.0))  # running
+        _finished(store, "child", 10.0, parent_id="parent")
+        _finished(store, "orphan", 11.0, parent_id="gone")
+        _finished(store, "root", 12.0)
+        assert [w for w, _ in store.finished_workflows(100.0, None, 10, roots=True)] == [
+            "orphan", "root"]
+        assert [w for w, _ in store.finished_workflows(100.0, None, 10)] == [
+            "child", "orphan", "root"]
+
+
+@check
+def drop_workflows_deletes_every_row_but_effect_keys(factory: StoreFactory) -> None:
+    from crashsafe.stores.base import AttemptRecord, CompleteEffect
+
+    with opened(factory) as store:
+        for wid in ("old", "keep"):
+            store.create_workflow(wf(wid, owner="ex-1"))
+            store.apply([[entry(wid, 0), entry(wid, 1)]])
+            assert store.rewind(wid, 1, "audit me", 40.0) == 1  # entry 1 kept for audit
+            store.apply([[entry(wid, 1), AttemptRecord(wid, 2, 2, "s", 1.0, 2.0, "x", b"e")]])
+            store.send_signal(wid, "go", b"1", 2.0)
+            store.begin_effect(wid, 2, "pay", f"done-{wid}", "h", 1.0)
+            store.apply([[entry(wid, 2),
+                          CompleteEffect(f"done-{wid}", wid, 2, b"r", None, 3.0, None)]])
+            store.begin_effect(wid, 3, "pay", f"unknown-{wid}", "h", 1.0)  # never completed
+            assert store.load_attempts(wid) and store.load_rewound(wid)
+            store.set_status(wid, Status.FAILED, only_from=[Status.RUNNING])
+        # updated_at of both is "now" (set_status stamps the store's clock).
+        before = store.clock() + 1.0
+        assert store.drop_workflows(["old", "missing"], before) == ["old"]
+        assert store.get_workflow("old") is None
+        assert store.load_journal("old") == []
+        assert store.load_attempts("old") == []
+        assert store.get_signal("old", "go", 0) is None
+        assert store.load_rewound("old") == []
+        # Effect rows stay until they expire: the key still deduplicates.
+        done = store.get_effect("done-old")
+        assert done is not None and done.state == "done" and done.output == b"r"
+        unknown = store.get_effect("unknown-old")
+        assert unknown is not None and unknown.state == "started"
+        # ... and the unknown outcome is still unknown for a workflow started again
+        # under the same id.
+        again = store.begin_effect("old", 3, "pay", "unknown-old", "h", 60.0)
+        assert again.unknown is True
+        # The other workflow is untouched.
+        assert must_get(store, "keep").status is Status.FAILED
+        assert indexes(store, "keep") == [0, 1, 2]
+        assert store.get_signal("keep", "go", 0) == b"1"
+        assert store.load_attempts("keep") and store.load_rewound("keep")
+        assert store.drop_workflows(["old"], before) == []  # idempotent
+
+
+@check
+def drop_workflows_keeps_running_young_and_children_of_kept_parents(
+        factory: StoreFactory) -> None:
+    with opened(factory) as store:
+        store.create_workflow(wf("running", created_at=1.0))
+        _finished(store, "young", 90.0)
+        _finished(store, "kept-parent", 90.0)
+        _finished(store, "child-of-kept", 10.0, parent_id="kept-parent")
+        _finished(store, "parent", 20.0)
+        _finished(store, "child", 10.0, parent_id="parent")
+        _finished(store, "grandchild", 5.0, parent_id="child")
+        _finished(store, "young-child", 95.0, parent_id="parent")
+        dropped = store.drop_workflows(
+            ["running", "young", "child-of-kept", "grandchild", "child", "parent",
+             "young-child"], 50.0)
+        assert sorted(dropped) == ["child", "grandchild", "parent"]
+        for wid in ("running", "young", "kept-parent", "child-of-kept", "young-child"):
+            assert store.get_workflow(wid) is not None, wid
+        # A child alone, its parent kept: not dropped.
+        assert store.drop_workflows(["child-of-kept"], 50.0) == []
+
+
+@check
+def rewrite_finished_entries_replaces_only_finished_workflows(factory: StoreFactory) -> None:
+    with opened(factory) as store:
+        for wid in ("done", "live"):
+            store.create_workflow(wf(wid, owner="ex-1"))
+            store.apply([[JournalEntry(wid, 0, "checkpoint", "c", b"big", None, 1, 1.0, 1.0),
+                          entry(wid, 1)]])
+        store.apply([[FinishWorkflow("done", "ex-1", Status.SUCCEEDED, b"1", at=2.0)]])
+        new = [JournalEntry(wid, 0, "checkpoint", "c", b"small", None, 1, 1.0, 1.0,
+                            note="pruned") for wid in ("done", "live")]
+        wrong_kind = JournalEntry("done", 1, "checkpoint", "c", b"x", None, 1, 1.0, 1.0)
+        missing = JournalEntry("done", 9, "checkpoint", "c", b"x", None, 1, 1.0, 1.0)
+        expect = {wid: _guard(store, wid) for wid in ("done", "live")}
+        assert store.rewrite_finished_entries([*new, wrong_kind, missing], expect) == ["done"]
+        got = store.load_journal("done")
+        assert (got[0].output, got[0].note, got[0].kind, got[0].name) == (
+            b"small", "pruned", "checkpoint", "c")
+        assert got[1].output == b"1"
+        assert store.load_journal("live")[0].output == b"big"
+        assert store.rewrite_finished_entries([], expect) == []
+
+
+def _guard(store: Store, wid: str) -> tuple[int, float]:
+    rec = store.get_workflow(wid)
+    assert rec is not None
+    return rec.token, rec.updated_at
+
+
+@check
+def rewrite_finished_entries_is_a_compare_and_swap(factory: StoreFactory) -> None:
+    """A plan made from a journal read before a rollback and re-run must not land on
+    the journal the re-run recorded (retention's ABA)."""
+    with opened(factory) as store:
+        store.create_workflow(wf("aba", owner="ex-1"))
+        store.apply([[JournalEntry("aba", 0, "checkpoint", "c", b"first", None, 1, 1.0, 1.0),
+                      FinishWorkflow("aba", "ex-1", Status.SUCCEEDED, b"1", at=2.0)]])
+        planned_from = _guard(store, "aba")
+        plan = [JournalEntry("aba", 0, "checkpoint", "c", b"stub", None, 1, 1.0, 1.0)]
+        # Rolled back and run again: the same index and kind, recorded anew.
+        assert store.rewind("aba", 0, "operator", 3.0) == 1
+        claimed = store.claim_workflows([("aba", None)], "ex-2", 5)
+        assert claimed[0].claimed
+        store.apply([[JournalEntry("aba", 0, "checkpoint", "c", b"second", None, 1, 4.0, 4.0),
+                      FinishWorkflow("aba", "ex-2", Status.SUCCEEDED, b"2", at=5.0)]])
+        assert store.rewrite_finished_entries(plan, {"aba": planned_from}) == []
+        assert store.load_journal("aba")[0].output == b"second"
+        # Only the finish time differs (same token): still refused. No guard: refused.
+        token, _ = _guard(store, "aba")
+        assert store.rewrite_finished_entries(plan, {"aba": (token, 2.0)}) == []
+        assert store.rewrite_finished_entries(plan, {}) == []
+        assert store.load_journal("aba")[0].output == b"second"
+        # Planned from what is there now: written.
+        assert store.rewrite_finished_entries(plan, {"aba": _guard(store, "aba")}) == ["aba"]
+        assert store.load_journal("aba")[0].output == b"stub"

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 # The codec's tags; user dicts that look like them must survive unchanged.
 TAG_KEYS = ["$dt", "$date", "$time", "$td", "$uuid", "$dec", "$b", "$tuple", "$set",
-            "$fset", "$map", "$f"]
+            "$fset", "$map", "$f", "$secret"]
 
 texts = st.text(max_size=20)
 ints = st.integers() | st.integers(min_value=-(2**70), max_value=2**70)
@@ -171,3 +171,14 @@ def breaker_events(callers: int = 4, max_size: int = 80) -> st.SearchStrategy[
     caller = st.integers(0, callers - 1)
     step = st.sampled_from([0.0, 0.01, 0.2, 0.49, 0.5, 0.51, 1.0, 2.5, 10.0])
     return st.lists(st.tuples(kind, caller, step), min_size=10, max_size=max_size)
+
+
+AGENT_KEYS = ["task", "plan", "messages", "memory", "scratch", "notes", "tools"]
+
+
+def agent_states(max_keys: int = 6) -> st.SearchStrategy[dict[str, Any]]:
+    """Dict states as agents keep them, for selective checkpoints: a few named parts,
+    some of them lists that grow (messages), others any storable value."""
+    values = st.lists(st.text(max_size=40), max_size=30) | st.text(max_size=400) \
+        | storable(max_leaves=6)
+    return st.dictionaries(st.sampled_from(AGENT_KEYS), values, max_size=max_keys)

@@ -200,7 +200,14 @@ def test_rollback_from_the_command_line_and_show_lists_the_audit(tmp_path: Any) 
     app.start("chat", 3, workflow_id="rb-1").result(timeout=10)
     app.close()
     runner = CliRunner()
+    # This command registers no step, so it cannot run their compensations: refused...
     res = runner.invoke(cli, ["--db", url, "rollback", "rb-1", "--to", "turn-0"])
+    assert res.exit_code == 1, res.output
+    said = " ".join(res.output.split())
+    assert "'llm' (#2), 'llm' (#4)" in said and "pass --force" in said
+    assert App(url).rewound("rb-1") == []
+    # ...unless forced.
+    res = runner.invoke(cli, ["--db", url, "rollback", "rb-1", "--to", "turn-0", "--force"])
     assert res.exit_code == 0, res.output
     assert "rolled back rb-1: 4 entries kept for audit" in res.output
     res = runner.invoke(cli, ["--db", url, "show", "rb-1"])

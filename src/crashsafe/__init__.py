@@ -8,9 +8,12 @@ from ._app import App
 from ._checkpoint import (
     CheckpointInfo,
     CheckpointNotFoundError,
+    CheckpointPrunedError,
     StateDivergenceError,
     checkpoint,
 )
+from ._checkpoint_policy import CheckpointPolicy, record_usage, track
+from ._checkpoint_select import KeepLast, Selective
 from ._context import Current, current
 from ._durable import (
     now,
@@ -27,8 +30,10 @@ from ._errors import register_exception
 from ._escalation import Escalation
 from ._handle import WorkflowHandle
 from ._locks import Lock, LockLostError, LockTimeoutError
-from ._partial import save_partial
+from ._partial import astream_partial, save_partial, stream_partial
 from ._queues import Queue
+from ._retention import GcReport, Retention
+from ._secrets import DEFAULT_PATTERNS as REDACT_PATTERNS
 from ._secrets import Secret
 from ._step import Step
 from ._transact import TransactionConnection
@@ -72,9 +77,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "NOT_APPLIED",
+    "REDACT_PATTERNS",
     "App",
     "CheckpointInfo",
     "CheckpointNotFoundError",
+    "CheckpointPolicy",
+    "CheckpointPrunedError",
     "CircuitBreaker",
     "CircuitOpenError",
     "ConcurrencyLimit",
@@ -86,9 +94,11 @@ __all__ = [
     "EffectFailedError",
     "Escalation",
     "FailureClass",
+    "GcReport",
     "Hedge",
     "IdempotencyKeyConflictError",
     "InvalidStateError",
+    "KeepLast",
     "Lock",
     "LockLostError",
     "LockTimeoutError",
@@ -97,10 +107,12 @@ __all__ = [
     "Queue",
     "RateLimit",
     "ResultTimeoutError",
+    "Retention",
     "RetryBudget",
     "RetryBudgetExhaustedError",
     "RetryPolicy",
     "Secret",
+    "Selective",
     "SerializationError",
     "StateDivergenceError",
     "Status",
@@ -121,6 +133,7 @@ __all__ = [
     "WorkflowFailedError",
     "WorkflowHandle",
     "__version__",
+    "astream_partial",
     "checkpoint",
     "classify",
     "current",
@@ -129,11 +142,14 @@ __all__ = [
     "now",
     "patched",
     "random",
+    "record_usage",
     "register_classifier",
     "register_exception",
     "save_partial",
     "sleep",
     "sleep_async",
+    "stream_partial",
+    "track",
     "uuid4",
     "wait_for",
     "wait_for_async",

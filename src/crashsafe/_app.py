@@ -13,8 +13,9 @@ from datetime import timedelta
 from typing import Any, Concatenate, ParamSpec, TypeVar, overload
 
 from . import _checkpoint as _ckpt
-from . import _codec
+from . import _codec, _corruption, _instrument
 from ._checkpoint import CheckpointInfo
+from ._checkpoint_policy import CheckpointPolicy
 from ._commit import GroupCommitter
 from ._context import _STEP, _WORKFLOW, WorkflowContext, _Suspend
 from ._escalation import Escalation
@@ -24,11 +25,17 @@ from ._locks import Lock, make_lock
 from ._queues import Queue
 from ._queues import take as take_from_queue
 from ._recovery import HOSTNAME, executor_alive, process_start_marker
+from ._redaction import Redactor, install_log_filter
+from ._retention import AutoRetention, GcReport, Retention
+from ._retention import Progress as GcProgress
+from ._retention import collect as collect_garbage
+from ._secrets import redact_text
 from ._step import RetryPolicy, Step, seconds
 from ._threads import WorkerThreads
 from ._workflow import Outcome, Workflow, run_async, run_sync
 from .exceptions import (
     ConfigurationError,
+    CorruptRecordError,
     CrashsafeError,
     InvalidStateError,
     StoreConflictError,
@@ -121,6 +128,11 @@ class App:
         effect_retention: float | timedelta | None = None,
         on_escalate: Callable[[Escalation], Any] | None = None,
         checkpoint_full_every: int = 10,
+        on_corrupt: str = "rollback",
+        redact: Sequence[str] | bool = True,
+        allow: Sequence[str] = (),
+        retention: Retention | None = None,
+        tracing: bool | Any = None,
     ) -> None:
         if store is not None and url is not None:
             raise ConfigurationError("pass either a URL or a store, not both")
@@ -149,6 +161,23 @@ class App:
         # A checkpoint is a full snapshot after this many deltas (reads apply at most
         # this many).
         self.checkpoint_full_every = checkpoint_full_every
+        # What a workflow does when one of its records fails verification (see
+        # crashsafe._corruption); @app.workflow(on_corrupt=...) overrides it.
+        self.on_corrupt = _corruption.check_policy(on_corrupt, "App")
+        # Field names whose values are masked in stored payloads (crashsafe._redaction):
+        # redact=True the defaults, a list of patterns, or False; allow exempts names.
+        self._redact_allow: dict[str, tuple[str, ...]] = {}
+        self._redactor = Redactor(redact, allow, step_allow=self._step_redact_allow)
+        if self._redactor.enabled:
+            install_log_filter()
+        # Applied by the serving loop, a bounded batch at a time (see crashsafe._retention).
+        self.retention = retention
+        # OpenTelemetry spans (see crashsafe.observe.otel): True, False, a tracer
+        # provider, or None (trace when a global tracer provider has been set).
+        self.tracing = tracing
+        self._tracing_obj: Any = None
+        if tracing is not None and tracing is not False:
+            self._tracer()  # fails now, naming the extra, if OpenTelemetry is missing
         self.executor_id = f"{HOSTNAME}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
         self._workflows: dict[str, dict[str, Workflow[Any, Any]]] = {}
         self._latest: dict[str, Workflow[Any, Any]] = {}
@@ -157,6 +186,8 @@ class App:
         self._lock = threading.Lock()
         self._launched = False
         self._closing = threading.Event()
+        self._auto_retention = (AutoRetention(retention, self._closing)
+                                if retention is not None else None)
         self._background: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
@@ -223,7 +254,12 @@ class App:
                     self._store = open_store(self._url)
                 elif not isinstance(self._store, SealedStore):
                     self._store = sealed(self._store, Keyring.from_env())
+                if isinstance(self._store, SealedStore):
+                    self._store.redactor = self._redactor
         return self._store
+
+    def _step_redact_allow(self, step: str) -> tuple[str, ...]:
+        return self._redact_allow.get(step, ())
 
     @property
     def _committer(self) -> GroupCommitter:
@@ -240,12 +276,14 @@ class App:
 
     @overload
     def workflow(
-        self, fn: None = None, /, *, name: str | None = None, version: str | int = "1"
+        self, fn: None = None, /, *, name: str | None = None, version: str | int = "1",
+        checkpoint: CheckpointPolicy | None = None, on_corrupt: str | None = None,
     ) -> Callable[[Callable[P, R]], Workflow[P, R]]: ...
 
     def workflow(
         self, fn: Callable[P, R] | None = None, /, *, name: str | None = None,
-        version: str | int = "1",
+        version: str | int = "1", checkpoint: CheckpointPolicy | None = None,
+        on_corrupt: str | None = None,
     ) -> Workflow[P, R] | Callable[[Callable[P, R]], Workflow[P, R]]:
         """Register a workflow function (``def`` or ``async def``).
 
@@ -253,10 +291,22 @@ class App:
         in the store; keep it stable. Register a changed workflow under a new
         ``version`` (keeping the old one registered) so in-flight runs finish on the
         code that started them, or use :func:`crashsafe.patched` inside one version.
+
+        ``checkpoint`` (a :class:`CheckpointPolicy`) checkpoints the state the workflow
+        tracks (:func:`crashsafe.track`) automatically: every N steps or seconds, after
+        child workflows, or adaptively (see :mod:`crashsafe._checkpoint_policy`).
+
+        ``on_corrupt`` (``"rollback"``, ``"fail"`` or ``"escalate"``; default: the
+        App's) decides what happens when one of the workflow's stored records fails
+        verification: see :mod:`crashsafe._corruption` and docs/checkpoints.md.
         """
+        if on_corrupt is not None:
+            _corruption.check_policy(on_corrupt, "@app.workflow")
 
         def register(f: Callable[P, R]) -> Workflow[P, R]:
-            wf: Workflow[P, R] = Workflow(self, f, name=name, version=str(version))
+            wf: Workflow[P, R] = Workflow(self, f, name=name, version=str(version),
+                                          checkpoint=checkpoint)
+            wf.on_corrupt = on_corrupt
             versions = self._workflows.setdefault(wf.name, {})
             old = versions.get(wf.version)
             code = getattr(f, "__code__", None)
@@ -283,7 +333,7 @@ class App:
         on_unknown: str | None = None, reconcile: Callable[..., Any] | None = None,
         compensate: Callable[[Any], Any] | None = None,
         breaker: CircuitBreaker | str | None = None, limits: Sequence[Limit | str] = (),
-        hedge: Hedge | None = None,
+        hedge: Hedge | None = None, redact_allow: Sequence[str] = (),
     ) -> Callable[[Callable[P, R]], Step[P, R]]: ...
 
     def step(
@@ -293,7 +343,7 @@ class App:
         reconcile: Callable[..., Any] | None = None,
         compensate: Callable[[Any], Any] | None = None,
         breaker: CircuitBreaker | str | None = None, limits: Sequence[Limit | str] = (),
-        hedge: Hedge | None = None,
+        hedge: Hedge | None = None, redact_allow: Sequence[str] = (),
     ) -> Step[P, R] | Callable[[Callable[P, R]], Step[P, R]]:
         """Make a function (``def`` or ``async def``) a step: run once, journaled, replayed.
 
@@ -317,6 +367,10 @@ class App:
         :meth:`rate_limit` / :meth:`concurrency_limit` (or given as objects) that each
         attempt must pass. ``hedge`` starts a second call when the first is slow. See
         docs/resilience.md.
+
+        ``redact_allow`` names fields of this step's results and errors that are stored
+        verbatim although they look like credentials (``App(redact=...)``; see
+        docs/security.md). A redacted result replays as ``"***"`` after a crash.
         """
 
         def register(f: Callable[P, R]) -> Step[P, R]:
@@ -324,6 +378,9 @@ class App:
                       on_unknown=on_unknown, reconcile=reconcile, compensate=compensate,
                       breaker=breaker, limits=limits, hedge=hedge)
             self._steps[st.name] = st
+            if isinstance(redact_allow, str):
+                raise ConfigurationError("redact_allow takes a list of field names")
+            self._redact_allow[st.name] = tuple(redact_allow)
             return st
 
         return register(fn) if fn is not None else register
@@ -587,6 +644,8 @@ class App:
                     self._sweep()
                     if self.effect_retention is not None:
                         self.store.purge_effects(time.time())
+                    if self._auto_retention is not None:
+                        self._auto_retention.tick(self.store)
                     next_sweep = now + self.recovery_interval
             except Exception as exc:  # keep serving; try again on the next tick
                 log.warning("crashsafe background work failed: %s", exc, exc_info=True)
@@ -699,8 +758,32 @@ class App:
         if workflow_id is not None and (not isinstance(workflow_id, str) or not workflow_id):
             raise ConfigurationError(f"workflow_id must be a non-empty string, got {workflow_id!r}")
         inputs = wf.encode_inputs(args, kwargs)
+        tracer = self._tracer()
+        if tracer is not None:  # the trace every run of it continues, even after a crash
+            inputs = tracer.stamp_start(inputs, wf.name, workflow_id)
         parent = _WORKFLOW.get() if _STEP.get() is None else None
         return wf, inputs, parent
+
+    def _tracer(self) -> Any:
+        """This app's :class:`~crashsafe.observe.otel.Tracing`, or None if it does not
+        trace (see the ``tracing`` argument)."""
+        mode = self.tracing
+        if mode is False:
+            return None
+        if self._tracing_obj is not None and mode is not None:
+            return self._tracing_obj
+        from .observe import otel
+
+        if mode is None:  # automatic: follow the global provider as it is now
+            provider = otel.auto_provider()
+            if provider is None:
+                return None
+            cached = self._tracing_obj
+            if cached is None or cached.source is not provider:
+                self._tracing_obj = otel.Tracing(provider)
+            return self._tracing_obj
+        self._tracing_obj = otel.Tracing(None if mode is True else mode)
+        return self._tracing_obj
 
     def _new_record(self, wf: Workflow[Any, Any], wid: str, inputs: bytes,
                     parent_id: str | None) -> WorkflowRecord:
@@ -759,17 +842,32 @@ class App:
             ctx.cancel_event.set()  # it stops at its first durable call and compensates
         ex = Execution(ctx)
         with self._lock:
-            if rec.id in self._executions:
+            # A closing app starts nothing: a sweep, queue poll or wake-up already under
+            # way could otherwise resume, with a fresh context, a workflow close() just
+            # stopped (and is handing back). _abandon sets _closing before it lists the
+            # executions under this lock, so every one it misses is refused here.
+            if rec.id in self._executions or self._closing.is_set():
                 return
             self._executions[rec.id] = ex
+        obs = ctx.instrument = _instrument.begin(self, rec, len(journal))
         if wf.is_async:
             async def main() -> None:
-                self._finish(ex, await run_async(wf, ctx, args, kwargs))
+                scope = obs.enter() if obs is not None else None
+                try:
+                    self._finish(ex, await run_async(wf, ctx, args, kwargs))
+                finally:
+                    if obs is not None:
+                        obs.leave(scope)
 
             asyncio.run_coroutine_threadsafe(main(), self._event_loop())
         else:
             def target() -> None:
-                self._finish(ex, run_sync(wf, ctx, args, kwargs))
+                scope = obs.enter() if obs is not None else None
+                try:
+                    self._finish(ex, run_sync(wf, ctx, args, kwargs))
+                finally:
+                    if obs is not None:
+                        obs.leave(scope)
 
             self._threads.submit(target)
 
@@ -781,7 +879,10 @@ class App:
                 self._suspended[ex.ctx.workflow_id] = outcome.error.wake_at
         if outcome.kind == "store_error":
             log.error("workflow %s stopped: %s; this process resumes it at its next recovery "
-                      "sweep once the store works", ex.ctx.workflow_id, outcome.error)
+                      "sweep once the store works", ex.ctx.workflow_id,
+                      redact_text(str(outcome.error)), extra={"workflow_id": ex.ctx.workflow_id})
+        if ex.ctx.instrument is not None:
+            ex.ctx.instrument.end(outcome.kind, outcome.error, ex.ctx.replayed)
         ex.finish(outcome, self._lock)
         with self._lock:
             if self._executions.get(ex.ctx.workflow_id) is ex:
@@ -828,7 +929,12 @@ class App:
         for wid, owner, name in rows:
             if owner == self.executor_id and wid not in self._executions \
                     and name in self._workflows and self._suspended.get(wid, 0.0) <= now:
-                rec = self.store.get_workflow(wid)
+                try:
+                    rec = self.store.get_workflow(wid)
+                except CorruptRecordError:
+                    if _corruption.on_unreadable_record(self, wid):
+                        handles.append(WorkflowHandle(self, wid))
+                    continue
                 if rec is not None and rec.status.active \
                         and rec.owner == self.executor_id and self._resume(rec):
                     handles.append(WorkflowHandle(self, wid))
@@ -850,10 +956,14 @@ class App:
         for start in range(0, len(claims), 500):
             chunk = claims[start:start + 500]
             results = self.store.claim_workflows(chunk, self.executor_id, self.max_recoveries)
+            _instrument.recovered(self, [(w, r.record.token) for (w, _), r in zip(
+                chunk, results, strict=True) if r.claimed and r.record is not None],
+                [w for (w, _), r in zip(chunk, results, strict=True) if r.dead_lettered])
             for (wid, _), res in zip(chunk, results, strict=True):
                 if res.dead_lettered:
                     log.error("workflow %s dead-lettered: %s", wid,
-                              res.record and res.record.reason)
+                              redact_text(str(res.record and res.record.reason)),
+                              extra={"workflow_id": wid})
                 elif res.claimed and res.record is not None:
                     rec = res.record
                     if rec.queue is not None:
@@ -866,6 +976,8 @@ class App:
                         handles.append(WorkflowHandle(self, wid))
                     elif self._resume(rec):
                         handles.append(WorkflowHandle(self, wid))
+                elif res.claimed and _corruption.on_unreadable_record(self, wid):
+                    handles.append(WorkflowHandle(self, wid))  # its own row is damaged
         return handles
 
     def _resume(self, rec: WorkflowRecord) -> bool:
@@ -875,10 +987,13 @@ class App:
         try:
             args, kwargs = wf.decode_inputs(rec.inputs, rec.id)
             journal = self.store.load_journal(rec.id)
+        except CorruptRecordError as exc:
+            return _corruption.on_load(self, wf, rec, exc)
         except CrashsafeError as exc:
             self.store.set_status(rec.id, Status.DEAD_LETTER, only_from=tuple(ACTIVE_STATUSES),
                                   reason=f"cannot resume: {exc}", clear_owner=True)
-            log.error("workflow %s dead-lettered: %s", rec.id, exc)
+            log.error("workflow %s dead-lettered: %s", rec.id, redact_text(str(exc)),
+                      extra={"workflow_id": rec.id})
             return False
         self._run(wf, rec, args, kwargs, journal)
         return True
@@ -897,9 +1012,12 @@ class App:
         return rec
 
     def list_workflows(self, *, status: Status | str | None = None, name: str | None = None,
-                       limit: int = 100) -> list[WorkflowRecord]:
+                       limit: int = 100, id_prefix: str | None = None) -> list[WorkflowRecord]:
+        """Workflows, newest first: of one status, of one name (exact), whose id starts
+        with ``id_prefix`` (literally: ``%`` and ``_`` are not wildcards)."""
         st = Status(status) if status is not None else None
-        return self.store.list_workflows(ListFilter(status=st, name=name, limit=limit))
+        return self.store.list_workflows(ListFilter(status=st, name=name, limit=limit,
+                                                    id_prefix=id_prefix))
 
     def journal(self, workflow_id: str) -> list[JournalEntry]:
         self.get_workflow(workflow_id)
@@ -965,9 +1083,12 @@ class App:
         rolled back). The rolled-back entries are kept for audit (``crashsafe show``
         lists them); the compensations of rolled-back steps that have one run first,
         newest first (at least once: a crash during the rollback runs them again when
-        it is repeated); then the workflow becomes ``running`` under a new fencing
-        token — a process still running it can no longer write — and a serving process
-        with it registered resumes it (this one at once).
+        it is repeated) — only those of steps registered in this App: an App that does
+        not register a step cannot know of its compensation (``crashsafe rollback`` and
+        the dashboard refuse in that case unless forced); then the workflow becomes
+        ``running`` under a new fencing token — a process still running it can no
+        longer write — and a serving process with it registered resumes it (this one
+        at once).
         """
         rec = self.get_workflow(workflow_id)
         journal = self.store.load_journal(workflow_id)
@@ -975,23 +1096,8 @@ class App:
             cut = to
         else:
             cut = _ckpt.resolve(journal, to).index + 1
-        rolled = sorted((e for e in journal if e.index >= cut), key=lambda e: -e.index)
-        failed: list[str] = []
-        undone = 0
-        for e in rolled if compensate else []:
-            step = self._steps.get(e.name)
-            if e.kind != "step" or e.error is not None or step is None \
-                    or step.compensate is None or (e.note or "").startswith("deduplicated:"):
-                continue
-            value = _codec.rebuild(_codec.decode(e.output or b"null", "step result"),
-                                   step.return_type, f"result of step {e.name!r}")
-            try:
-                outcome = step.compensate(value)
-                if asyncio.iscoroutine(outcome):
-                    asyncio.run(outcome)
-                undone += 1
-            except Exception as exc:
-                failed.append(f"{e.name} (step {e.index}): {type(exc).__name__}: {exc}")
+        rolled = [e for e in journal if e.index >= cut]
+        undone, failed = _corruption.compensate(self, rolled) if compensate else (0, [])
         why = reason or f"rolled back to before index {cut}"
         if undone or failed:
             why += f"; {undone} compensation(s) ran" + (
@@ -1001,10 +1107,31 @@ class App:
             self.recover()
         return WorkflowHandle(self, workflow_id)
 
+    def gc(self, *, keep_checkpoints: int | None = None,
+           finished_older_than: float | timedelta | None = None, dry_run: bool = False,
+           batch: int = 100, progress: GcProgress | None = None) -> GcReport:
+        """Retention, once, over the whole store (``crashsafe gc``): drop workflows that
+        finished longer ago than ``finished_older_than`` with all their rows, and keep
+        the state of only the last ``keep_checkpoints`` checkpoints of each finished
+        workflow, compacting deltas first. Running workflows are never touched; each
+        batch of ``batch`` workflows is one transaction, so it is safe to kill and run
+        again. ``progress(done, total)`` is called after each batch. See
+        :mod:`crashsafe._retention` and ``docs/checkpoints.md``."""
+        return collect_garbage(self.store, keep_checkpoints=keep_checkpoints,
+                               finished_older_than=finished_older_than, dry_run=dry_run,
+                               batch=batch, progress=progress)
+
     def rewound(self, workflow_id: str) -> list[tuple[float, str, JournalEntry]]:
         """The entries rolled back from a workflow, kept for audit: ``(when, why, entry)``."""
         self.get_workflow(workflow_id)
         return self.store.load_rewound(workflow_id)
+
+    def corruption_events(self, workflow_id: str) -> list[dict[str, Any]]:
+        """What the ``on_corrupt`` policy did for this workflow, oldest first: each a dict
+        with ``at``, ``record`` (the damaged record), ``index``, ``kind``, ``action``
+        (``rollback``, ``fail`` or ``escalate``) and ``detail`` (where it rolled back
+        to, or why it failed)."""
+        return _corruption.events(self, workflow_id)
 
     def signal(self, workflow_id: str, name: str, payload: Any = None) -> None:
         """Send the signal ``name`` with ``payload`` to a running or waiting workflow.

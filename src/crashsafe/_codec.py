@@ -29,18 +29,20 @@ from typing import Any
 
 import msgspec
 
+from ._secrets import Secret
 from .exceptions import CorruptRecordError, SerializationError
 
 _ENCODER = msgspec.json.Encoder()
 _DECODER = msgspec.json.Decoder()
 
 _TAGS = frozenset({"$dt", "$date", "$time", "$td", "$uuid", "$dec", "$b", "$tuple", "$set",
-                   "$fset", "$map", "$f"})
+                   "$fset", "$map", "$f", "$secret"})
 _SCALARS = (str, int, bool, type(None))
 
 SUPPORTED = (
     "JSON types (dict, list, str, int, float, bool, None), tuple, set, bytes, datetime, "
-    "date, time, timedelta, UUID, Decimal, enums, dataclasses and pydantic models"
+    "date, time, timedelta, UUID, Decimal, crashsafe.Secret (encrypted stores only), enums, "
+    "dataclasses and pydantic models"
 )
 
 
@@ -146,6 +148,10 @@ def _walk_rare(v: Any, t: type, st: _State) -> Any:
         return {"$uuid": str(v)}
     if t is Decimal:
         return {"$dec": str(v)}
+    if t is Secret:
+        # Only ever stored inside an encrypted record: the store refuses it otherwise
+        # (crashsafe._redaction).
+        return {"$secret": v.reveal()}
     if dataclasses.is_dataclass(v) and not isinstance(v, type):
         st.structured = True
         return {f.name: _walk(getattr(v, f.name), st) for f in dataclasses.fields(v)}
@@ -307,6 +313,8 @@ def _revive_tag(key: str, arg: Any) -> Any:
         return uuid.UUID(arg)
     if key == "$dec":
         return Decimal(arg)
+    if key == "$secret":
+        return Secret(arg)
     if key == "$b":
         return base64.b64decode(arg.encode("ascii"), validate=True)
     if key == "$f":

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
+from ._checkpoint_policy import Tracker, take_due
 from .exceptions import NondeterminismError, NotInWorkflowError, WorkflowCancelled
 from .stores.base import AttemptRecord, FinishWorkflow, JournalEntry, MarkWaiting, Op
 
@@ -16,6 +17,7 @@ _FENCED = (JournalEntry, FinishWorkflow, MarkWaiting, AttemptRecord)
 
 if TYPE_CHECKING:
     from ._app import App
+    from ._instrument import Run
 
 
 class _Shutdown(BaseException):
@@ -108,10 +110,12 @@ class WorkflowContext:
     """Everything one running workflow needs: its id, its journal, its cursor."""
 
     __slots__ = (
-        "_async_wake", "app", "attempts", "cancel_event", "check_only", "checkpoint_state",
+        "_async_wake", "app", "attempts", "auto", "cancel_event", "check_only",
+        "checkpoint_base", "checkpoint_state",
         "compensating",
-        "compensations", "diverged", "executed", "fresh", "hedges", "is_async", "journal",
-        "next_index", "partials", "patches", "pending", "queue", "recorded", "replayed",
+        "compensations", "diverged", "executed", "fresh", "hedges", "instrument", "is_async",
+        "journal",
+        "next_index", "partials", "patches", "pending", "queue", "recorded", "replayed", "riders",
         "shutdown",
         "signal_event", "token", "waits", "workflow_id", "workflow_name",
     )
@@ -136,11 +140,18 @@ class WorkflowContext:
         """The queue this workflow came from, if any."""
         self.partials: set[str] = set()
         """Keys of partial outputs saved by the running step (dropped once it ends)."""
-        self.checkpoint_state: tuple[Any, int, int] | None = None
-        """(state, ordinal, ordinal of its last full snapshot) of the latest checkpoint."""
+        self.checkpoint_state: tuple[Any, int, int | None] | None = None
+        """(state, ordinal, ordinal of its last full snapshot) of the latest checkpoint;
+        None for the last: the next checkpoint is a full snapshot (a replayed one whose
+        state retention dropped, or recorded under other redaction settings)."""
+        self.checkpoint_base: tuple[int, bytes] | None = None
+        """(journal index, canonical bytes of its state) of the latest checkpoint: what
+        the next delta is compressed against (see crashsafe._checkpoint_pack)."""
         """Started by this process just now: no attempt of it can have been recorded."""
         self.attempts: dict[int, list[AttemptRecord]] | None = None
         self.hedges = 0
+        self.instrument: Run | None = None
+        """Where this run reports what it commits (None: nothing listens)."""
         self.workflow_id = workflow_id
         self.workflow_name = workflow_name
         # Compensations are not calls of the workflow's own code: replay never matches
@@ -153,6 +164,10 @@ class WorkflowContext:
         self.compensating = False
         self.next_index = 0
         self.pending: list[Op] = []
+        # Automatic checkpoints: what their policy has seen, and the entries that ride
+        # along with the next commit (unlike ``pending``, nothing waits for them).
+        self.auto = Tracker()
+        self.riders: list[Op] = []
         self.is_async = is_async
         self.check_only = check_only
         self.cancel_event = threading.Event()
@@ -207,6 +222,8 @@ class WorkflowContext:
         self.check_interrupt()
         if self.diverged is not None:
             raise self.diverged
+        if kind != "checkpoint" and self.auto.due():
+            take_due(self)  # before this call takes its index, as in every run
         idx = self.next_index
         self.next_index = idx + 1
         entry = self.journal.pop(idx, None)
@@ -220,6 +237,7 @@ class WorkflowContext:
             )
             raise self.diverged
         self.replayed += 1
+        self.auto.observe(entry)
         return idx, entry
 
     def attempts_for(self, idx: int) -> list[AttemptRecord]:
@@ -235,6 +253,8 @@ class WorkflowContext:
         return self.attempts.get(idx, [])
 
     def peek(self) -> JournalEntry | None:
+        if self.auto.due():
+            take_due(self)  # the next call lands after it, in every run: look there
         return self.journal.get(self.next_index)
 
     def leftover_check(self) -> None:
@@ -242,6 +262,8 @@ class WorkflowContext:
         divergence may have been caught and ignored."""
         if self.diverged is not None:
             raise self.diverged
+        if self.auto.due() and (not self.check_only or self.next_index in self.journal):
+            take_due(self)  # the workflow's end is a decision point too
         if self.journal:
             idx = min(self.journal)
             entry = self.journal[idx]
@@ -263,26 +285,42 @@ class WorkflowContext:
     def commit(self, ops: list[Op]) -> None:
         if self.shutdown:
             raise _Shutdown
-        if self.pending:
-            ops = self.pending + ops
+        if self.pending or self.riders:
+            ops = self.riders + self.pending + ops
             self.pending = []
+            self.riders = []
         self._fence(ops)
-        self.app._committer.commit(ops)
+        obs = self.instrument
+        if obs is None:
+            self.app._committer.commit(ops)
+        else:
+            t0 = time.time_ns()
+            self.app._committer.commit(ops)
+            obs.committed(ops, t0)
         self._note_committed(ops)
 
-    def _note_committed(self, ops: list[Op]) -> None:
+    def _note_committed(self, ops: Sequence[Op]) -> None:
         for op in ops:
             if type(op) is JournalEntry and op.kind != "compensate":
                 self.recorded.append(op)
+                if op.workflow_id == self.workflow_id:
+                    self.auto.observe(op)
 
     async def commit_async(self, ops: list[Op]) -> None:
         if self.shutdown:
             raise _Shutdown
-        if self.pending:
-            ops = self.pending + ops
+        if self.pending or self.riders:
+            ops = self.riders + self.pending + ops
             self.pending = []
+            self.riders = []
         self._fence(ops)
-        await self.app._committer.commit_async(ops)
+        obs = self.instrument
+        if obs is None:
+            await self.app._committer.commit_async(ops)
+        else:
+            t0 = time.time_ns()
+            await self.app._committer.commit_async(ops)
+            obs.committed(ops, t0)
         self._note_committed(ops)
 
 

@@ -162,6 +162,9 @@ def _recorded(owner: str, payload: bytes, wrap: Wrapper, what: str) -> BaseExcep
 
 
 def _live(owner: str, exc: BaseException, wrap: Wrapper) -> BaseException:
+    masked = _masked(owner, exc, wrap)
+    if masked is not None:
+        return masked
     if rebuildable(exc):
         return exc
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
@@ -169,6 +172,28 @@ def _live(owner: str, exc: BaseException, wrap: Wrapper) -> BaseException:
     if isinstance(err, StepError):
         err.failure_class = failure_class(exc)
     err.__cause__ = exc
+    return err
+
+
+def _masked(owner: str, exc: BaseException, wrap: Wrapper) -> BaseException | None:
+    """When the failure's text or arguments hold a credential (crashsafe._redaction),
+    what a replay will raise: the exception rebuilt from its masked record, its cause
+    not chained (the original's text would show in every traceback). None otherwise:
+    the original is raised."""
+    from ._redaction import Redactor
+
+    redactor = Redactor(True)
+    payload = error_payload(exc)
+    doc = decode(payload, "error")
+    # Judged on the message and arguments: source lines in the traceback such as
+    # `token = load()` look like credentials to the free-text rules.
+    probe, _ = encode({"message": doc.get("message"), "args": doc.get("args")}, "error")
+    if redactor.error(probe) == probe:
+        return None
+    clean = redactor.error(payload)
+    err = _recorded(owner, clean, wrap, f"error of {owner!r}")
+    err.__cause__ = None
+    err.__suppress_context__ = True
     return err
 
 

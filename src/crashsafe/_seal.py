@@ -138,8 +138,10 @@ class RecordContext:
 
 
 def _refused(ctx: RecordContext | None, reason: str) -> CorruptRecordError:
-    where = ctx.describe() if ctx is not None else "stored record"
-    return CorruptRecordError(f"{where} was not used: {reason}")
+    if ctx is None:
+        return CorruptRecordError(f"stored record was not used: {reason}")
+    return CorruptRecordError(f"{ctx.describe()} was not used: {reason}", ctx.workflow_id,
+                              ctx.index, ctx.kind)
 
 
 # --- sealing --------------------------------------------------------------------------

@@ -476,13 +476,18 @@ class Step(Generic[P, R]):
         def work(conn: Any) -> R:
             return fn(_transact.TransactionConnection(conn), *args, **kwargs)
 
+        made: list[JournalEntry] = []
+
         def record(value: Any) -> JournalEntry:
             entry = self._record_result(ctx, idx, value, drv.attempt, drv.started)
             entry.note = drv.note()
             entry.token = ctx.token
+            made.append(entry)
             return entry
 
         value: R = transact(work, record)
+        # Committed with the step's writes, not through ctx.commit: note it the same way.
+        ctx._note_committed(made[-1:])
         return value
 
     # -- async ------------------------------------------------------------------------------

@@ -10,9 +10,12 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 
 from . import _codec
+from ._checkpoint_policy import CheckpointPolicy
 from ._context import _WORKFLOW, WorkflowContext, _ReplayEnd, _Shutdown, _Suspend
 from ._errors import error_payload, live_workflow_failure
 from .exceptions import (
+    ConfigurationError,
+    CorruptRecordError,
     NondeterminismError,
     SerializationError,
     StoreConflictError,
@@ -53,7 +56,12 @@ class Outcome:
 class Workflow(Generic[P, R]):
     """A function decorated with ``@app.workflow``; start it with ``app.start``."""
 
-    def __init__(self, app: App, fn: Callable[P, R], *, name: str | None, version: str) -> None:
+    def __init__(self, app: App, fn: Callable[P, R], *, name: str | None, version: str,
+                 checkpoint: CheckpointPolicy | None = None) -> None:
+        if checkpoint is not None and not isinstance(checkpoint, CheckpointPolicy):
+            raise ConfigurationError(f"workflow {name or fn.__qualname__!r}: checkpoint= must "
+                                     "be a crashsafe.CheckpointPolicy")
+        self.checkpoint = checkpoint
         self.app = app
         self.fn = fn
         self.name = name or fn.__qualname__
@@ -61,6 +69,8 @@ class Workflow(Generic[P, R]):
         self.is_async = inspect.iscoroutinefunction(fn)
         self.signature = inspect.signature(fn)
         self._hints: dict[str, Any] | None = None
+        self.on_corrupt: str | None = None
+        """This workflow's ``on_corrupt`` policy (None: the App's)."""
         functools.update_wrapper(self, fn)
 
     def __repr__(self) -> str:
@@ -187,6 +197,10 @@ def _on_failure(wf: Workflow[Any, Any], ctx: WorkflowContext, exc: BaseException
         return Outcome("aborted", error=exc)
     if isinstance(exc, StoreConflictError):
         return Outcome("aborted", error=exc)  # another executor owns it now
+    if isinstance(exc, CorruptRecordError) and not ctx.check_only:
+        from ._corruption import on_run
+
+        return on_run(wf, ctx, exc)  # the workflow's on_corrupt policy decides
     if isinstance(exc, StoreError):
         # Nothing could be recorded; the workflow stays `running` and is recovered
         # when the store works again.
@@ -240,6 +254,7 @@ def compensate(ctx: WorkflowContext) -> list[str]:
     """
     ctx.compensating = True
     ctx.pending = []  # journaled values never committed never happened
+    ctx.riders = []
     steps = ctx.app._steps
     # A result taken from another workflow's key is that workflow's effect: not ours
     # to undo.
@@ -307,6 +322,7 @@ def _cancel_sync(ctx: WorkflowContext) -> Outcome:
 def run_sync(wf: Workflow[Any, Any], ctx: WorkflowContext, args: list[Any],
              kwargs: dict[str, Any]) -> Outcome:
     token = _WORKFLOW.set(ctx)
+    ctx.auto.use(wf.checkpoint)
     try:
         try:
             value = wf.fn(*args, **kwargs)
@@ -325,6 +341,7 @@ def run_sync(wf: Workflow[Any, Any], ctx: WorkflowContext, args: list[Any],
 async def run_async(wf: Workflow[Any, Any], ctx: WorkflowContext, args: list[Any],
                     kwargs: dict[str, Any]) -> Outcome:
     token = _WORKFLOW.set(ctx)
+    ctx.auto.use(wf.checkpoint)
     try:
         try:
             value = await wf.fn(*args, **kwargs)

@@ -40,12 +40,12 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from . import _codec
 from ._app import App
 from ._errors import describe
+from ._progress import Progress, quiet
 from ._workflow import Workflow
 from .demo.agent import emit
 from .demo.runner import Child, Operator, Snapshot, journal_snapshot, lost_entries, spawn, verify
@@ -474,8 +474,9 @@ def _unknown_outcomes(db_path: str) -> Counter[str]:
 
 # -- the campaign --------------------------------------------------------------------------
 def run_campaign(workload: Workload, settings: Settings, *, as_json: bool,
-                 console: Console) -> int:
-    """Run every trial, print the report; return the exit code (0: no violation)."""
+                 console: Console, progress: Progress = quiet) -> int:
+    """Run every trial, print the report; return the exit code (0: no violation).
+    ``progress(done, total, note)`` is called after each trial."""
     root = settings.directory or Path(tempfile.mkdtemp(prefix="crashsafe-chaos-"))
     root.mkdir(parents=True, exist_ok=True)
     kills = (f"{settings.kills_per_trial} kill -9 per trial at crash point {settings.crash_at}"
@@ -487,22 +488,19 @@ def run_campaign(workload: Workload, settings: Settings, *, as_json: bool,
     started = time.time()
     workload.prepare(root, settings)
     trials: list[Trial] = []
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TimeElapsedColumn(), console=console, disable=as_json, transient=True)
-    with progress:
-        task = progress.add_task("trials", total=settings.trials)
-        for number in range(settings.trials):
-            trial = run_trial(workload, settings, number, root)
-            trials.append(trial)
-            if trial.violations and not as_json:
-                progress.console.print(
-                    f"[bold red]trial {number} failed[/] (seed {trial.seed}, kept in "
-                    f"{trial.directory}): {'; '.join(trial.violations)}", highlight=False)
-            if not trial.violations:
-                shutil.rmtree(trial.directory, ignore_errors=True)
-            failed = sum(1 for t in trials if t.violations)
-            progress.update(task, advance=1, description=(
-                f"trials (kills {sum(t.kills for t in trials)}, failed {failed})"))
+    progress(0, settings.trials, "trials")
+    for number in range(settings.trials):
+        trial = run_trial(workload, settings, number, root)
+        trials.append(trial)
+        if trial.violations and not as_json:
+            console.print(
+                f"[bold red]trial {number} failed[/] (seed {trial.seed}, kept in "
+                f"{trial.directory}): {'; '.join(trial.violations)}", highlight=False)
+        if not trial.violations:
+            shutil.rmtree(trial.directory, ignore_errors=True)
+        failed = sum(1 for t in trials if t.violations)
+        progress(len(trials), settings.trials,
+                 f"trials (kills {sum(t.kills for t in trials)}, failed {failed})")
     report = summarize(workload, settings, trials, time.time() - started)
     if report["ok"] and settings.directory is None:
         shutil.rmtree(root, ignore_errors=True)

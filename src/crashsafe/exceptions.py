@@ -185,7 +185,19 @@ class StoreConflictError(StoreError):
 
 
 class CorruptRecordError(StoreError):
-    """A stored record cannot be decoded; it was not used."""
+    """A stored record cannot be decoded; it was not used.
+
+    ``workflow_id``, ``index`` and ``kind`` name the record when it is known (its place
+    in the store, as :class:`~crashsafe._seal.RecordContext` has it); a workflow's
+    ``on_corrupt`` policy uses them to decide what to roll back.
+    """
+
+    def __init__(self, message: str, workflow_id: str | None = None, index: int | None = None,
+                 kind: str | None = None) -> None:
+        super().__init__(message)
+        self.workflow_id = workflow_id
+        self.index = index
+        self.kind = kind
 
 
 class WorkflowCancelled(BaseException):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import importlib
@@ -11,6 +12,7 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -22,6 +24,7 @@ from rich.text import Text
 from .. import _codec
 from .._app import App
 from .._errors import describe
+from .._progress import Progress, quiet
 from ..exceptions import CrashsafeError
 from ..stores import Status, Store, default_url, open_store
 from ..stores.base import JournalEntry, WorkflowRecord
@@ -73,8 +76,34 @@ def _check_status(status: str | None) -> None:
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    # Text, not markup: messages hold user data and "pip install 'crashsafe[extra]'".
+    err.print(Text.assemble(("error:", "bold red"), f" {message}"), highlight=False)
     return typer.Exit(code)
+
+
+@contextlib.contextmanager
+def _progress_bar(label: str) -> Iterator[Progress]:
+    """A progress callback: a bar on stderr when stderr is a terminal, else silence (so
+    pipes, logs, tests and ``--json`` consumers get clean output)."""
+    if not err.is_terminal:
+        yield quiet
+        return
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+    from rich.progress import Progress as Bar
+
+    with Bar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+             TimeElapsedColumn(), console=err, transient=True) as bar:
+        task = bar.add_task(label, total=None)
+
+        def update(done: int, total: int | None, note: str | None = None) -> None:
+            bar.update(task, completed=done, total=total, description=note or label)
+
+        yield update
 
 
 def _open_existing(url: str) -> Store:
@@ -191,8 +220,6 @@ def keys_generate_cmd(
 def keys_rotate_cmd(db: DbOption = None) -> None:
     """Re-seal every record with the active key of $CRASHSAFE_KEYS (also encrypts a
     store written without encryption). Safe to kill at any moment and run again."""
-    from rich.progress import Progress
-
     from .._keys import Keyring
     from .._rotate import rotate
     from ..stores import open_raw_store
@@ -205,15 +232,20 @@ def keys_rotate_cmd(db: DbOption = None) -> None:
                         "`crashsafe keys generate NEW_ID` makes a key")
         _open_raw_existing(url)
         raw = open_raw_store(url)
-        with Progress(console=err, transient=True) as bar:
-            task = bar.add_task("re-sealing", total=None)
-            report = rotate(raw, keyring,
-                            lambda done, total: bar.update(task, completed=done, total=total))
+        with _progress_bar("re-sealing workflows") as progress:
+            report = rotate(raw, keyring, progress)
         raw.close()
     except CrashsafeError as exc:
         raise _fail(str(exc)) from None
     out.print(f"re-sealed {report.resealed} records of {report.workflows} workflows with key "
               f"{keyring.active_id!r}", highlight=False)
+    if report.orphans:
+        out.print(f"(the count includes the rows kept for {report.orphans} dropped "
+                  "workflow(s): effect outcomes, kept until their expiry)", highlight=False)
+    if report.damaged:
+        out.print(f"{len(report.damaged)} damaged record(s) left as they are (unreadable with "
+                  f"any key; `crashsafe verify` lists them): {'; '.join(report.damaged[:5])}",
+                  style="yellow", highlight=False, markup=False)
 
 
 def _open_raw_existing(url: str) -> None:
@@ -230,8 +262,6 @@ def verify_cmd(
 ) -> None:
     """Check every stored record's checksum (and, with $CRASHSAFE_KEYS, that it
     decrypts): exit 1 and list the bad records if any."""
-    from rich.progress import Progress
-
     from .._keys import Keyring
     from .._seal import Sealer
     from .._verify import verify
@@ -247,27 +277,100 @@ def verify_cmd(
             raw.close()
             raise _fail(f"{url!r} is encrypted: set $CRASHSAFE_KEYS to its keyring to verify "
                         "it")
-        with Progress(console=err, transient=True, disable=as_json) as bar:
-            task = bar.add_task("verifying", total=None)
-            report = verify(raw, Sealer(keyring),
-                            lambda done, total: bar.update(task, completed=done, total=total))
+        with _progress_bar("verifying workflows") as progress:
+            report = verify(raw, Sealer(keyring), progress)
         raw.close()
     except CrashsafeError as exc:
         raise _fail(str(exc)) from None
     if as_json:
         out.print_json(json.dumps({
-            "workflows": report.workflows, "records": report.records,
-            "bad": [dataclasses.asdict(b) for b in report.bad]}))
+            "workflows": report.workflows, "orphans": report.orphans,
+            "records": report.records,
+            "bad": [dataclasses.asdict(b) for b in report.bad],
+            "rolled_back": [dataclasses.asdict(b) for b in report.rolled_back]}))
     else:
-        out.print(f"checked {report.records} records of {report.workflows} workflows",
+        dropped = (f" and the kept rows of {report.orphans} dropped workflow(s)"
+                   if report.orphans else "")
+        out.print(f"checked {report.records} records of {report.workflows} workflows{dropped}",
                   highlight=False)
         for b in report.bad:
-            out.print(Text(f"BAD {b.workflow_id} #{b.index} {b.kind}: {b.reason}",
+            out.print(Text(f"BAD {b.workflow_id} #{b.index} {b.kind} ({b.table}): {b.reason}",
                            style="red"))
+        for b in report.rolled_back:
+            out.print(Text(f"rolled back (damaged, kept for audit) {b.workflow_id} #{b.index} "
+                           f"{b.kind}: {b.reason}", style="yellow"))
         out.print("all records intact" if report.ok else f"{len(report.bad)} bad record(s)",
                   highlight=False)
     if not report.ok:
         raise typer.Exit(1)
+
+
+def _usage(store: Store) -> dict[str, int]:
+    usage = getattr(store, "usage", None)
+    return dict(usage()) if usage is not None else {}
+
+
+def _size(n: int) -> str:
+    for unit, size in (("MB", 1 << 20), ("KB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
+@cli.command("gc")
+def gc_cmd(
+    keep_checkpoints: Annotated[int | None, typer.Option(
+        "--keep-checkpoints", help="Keep the state of each finished workflow's last N "
+                                   "checkpoints (older ones keep only their hash).")] = None,
+    older_than: Annotated[str | None, typer.Option(
+        "--older-than", help="Drop workflows finished longer ago than this (90s, 12h, 7d, "
+                             "1h30m), with all their rows.")] = None,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Count what would go; change nothing.")] = False,
+    batch: Annotated[int, typer.Option(help="Workflows per transaction.")] = 100,
+    as_json: JsonOption = False,
+    db: DbOption = None,
+) -> None:
+    """Retention: drop old finished workflows, keep the last N checkpoints of finished
+    ones (deltas compacted first). Running workflows are never touched; safe to kill at
+    any moment and run again."""
+    if keep_checkpoints is None and older_than is None:
+        raise _fail("say what to collect: --keep-checkpoints N and/or --older-than 7d")
+    if keep_checkpoints is not None and keep_checkpoints < 1:
+        raise _fail("--keep-checkpoints must be at least 1 (the latest is always kept)")
+    if batch < 1:
+        raise _fail("--batch must be at least 1")
+    age = _duration(older_than) if older_than is not None else None
+    try:
+        app = _open_app(db)
+        before = _usage(app.store)
+        with _progress_bar("collecting") as progress:
+            report = app.gc(keep_checkpoints=keep_checkpoints, finished_older_than=age,
+                            dry_run=dry_run, batch=batch, progress=progress)
+        after = _usage(app.store)
+        app.close()
+    except CrashsafeError as exc:
+        raise _fail(str(exc)) from None
+    if as_json:
+        out.print_json(json.dumps({**report.to_dict(), "before": before, "after": after}))
+        return
+    verb = "would drop" if dry_run else "dropped"
+    out.print(f"{verb} {report.workflows_dropped} finished workflow(s) and the state of "
+              f"{report.checkpoints_pruned} checkpoint(s); {report.checkpoints_rebased} kept "
+              "delta(s) rewritten as full snapshots", highlight=False)
+    out.print(f"{report.effects_purged} expired effect key(s) and {report.partials_dropped} "
+              f"stale partial output(s) removed; {report.workflows_examined} workflow(s) "
+              "examined", highlight=False)
+    for line in report.skipped:
+        out.print(Text(f"skipped {line}", style="yellow"))
+    if before:
+        table = Table(box=None, header_style="bold")
+        for col in ("", "BEFORE", "AFTER"):
+            table.add_column(col, justify="right" if col else "left")
+        for key in before:
+            fmt = _size if key.endswith("bytes") else str
+            table.add_row(key.replace("_", " "), fmt(before[key]), fmt(after.get(key, 0)))
+        out.print(table)
 
 
 _BREAKER_STYLE = {"closed": "green", "open": "bold red", "half_open": "yellow"}
@@ -316,6 +419,14 @@ _VERDICT_STYLE = {"OK": "green", "ALERT": "bold red", "NO DATA": "dim"}
 
 def _stats_duration(text: str) -> float:
     """``90s``, ``30m``, ``1h``, ``7d``, ``1h30m`` or plain seconds, in seconds."""
+    seconds = _duration(text)
+    if seconds <= 0:
+        raise _fail("--since must be a positive duration")
+    return seconds
+
+
+def _duration(text: str) -> float:
+    """``90s``, ``30m``, ``1h``, ``7d``, ``1h30m`` or plain seconds, in seconds."""
     import re
 
     spec = text.strip().lower()
@@ -324,10 +435,7 @@ def _stats_duration(text: str) -> float:
             or (len(parts) > 1 and not all(u for _, u in parts)):
         raise _fail(f"cannot read the duration {text!r}; use for example 90s, 30m, 1h, 7d "
                     "or 1h30m")
-    seconds = sum(float(n) * _STATS_UNITS[u or "s"] for n, u in parts)
-    if seconds <= 0:
-        raise _fail("--since must be a positive duration")
-    return seconds
+    return sum(float(n) * _STATS_UNITS[u or "s"] for n, u in parts)
 
 
 def _stats_thresholds(pairs: list[str]) -> Any:
@@ -404,8 +512,6 @@ def stats_cmd(
 ) -> None:
     """The production figures, computed from the journal, each against its alert
     threshold: recovery, duplicate effects, retries, failure types, breakers."""
-    from rich.progress import Progress
-
     from ..observe import compute, evaluate
 
     window = _stats_duration(since) if since is not None else None
@@ -413,10 +519,8 @@ def stats_cmd(
     try:
         store = _open_app(db).store
         start = store.clock() - window if window is not None else None
-        with Progress(console=err, transient=True, disable=as_json) as bar:
-            task = bar.add_task("reading workflows", total=None)
-            metrics = compute(store, start, None, name, progress=lambda done, total:
-                              bar.update(task, completed=done, total=total))
+        with _progress_bar("reading workflows") as progress:
+            metrics = compute(store, start, None, name, progress=progress)
         checks = evaluate(metrics, thresholds)
     except CrashsafeError as exc:
         raise _fail(str(exc)) from None
@@ -593,14 +697,29 @@ def rollback_cmd(
         "--to", help="A checkpoint (label, #N or 'latest', kept) or a journal index "
                      "(entries from it on are rolled back).")] = "latest",
     reason: Annotated[str | None, typer.Option(help="Why, for the record.")] = None,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Roll back even past completed steps whose compensations this "
+                        "command cannot run.")] = False,
     db: DbOption = None,
 ) -> None:
     """Roll a workflow back (entries kept for audit) and let a serving worker resume it.
-    Compensations run only where the step's code is registered: from this command,
-    which registers none, none run — use app.rollback() in your program for those."""
+    Compensations run only where the step's code is registered: this command registers
+    none, so it refuses to roll back completed steps (their effects would stay done and
+    be applied again) unless --force — use app.rollback() in your program for those."""
+    from .. import _rollback_check
+
     try:
         app = _open_app(db)
-        app.rollback(workflow_id, to=_checkpoint_ref(to), reason=reason)
+        point = _checkpoint_ref(to)
+        skipped = _rollback_check.unrunnable(app, workflow_id, point)
+        if skipped and not force:
+            raise _fail(_rollback_check.refusal(workflow_id, skipped, "--force"), 1)
+        why = reason
+        if skipped:
+            why = (f"{reason or 'rolled back from the command line'}; forced: the "
+                   f"compensations of {_rollback_check.describe(skipped)} did not run (not "
+                   "registered in the command's process)")
+        app.rollback(workflow_id, to=point, reason=why)
         moved = [e for _, _, e in app.rewound(workflow_id)]
     except CrashsafeError as exc:
         raise _fail(str(exc)) from None
@@ -743,15 +862,42 @@ def worker_cmd(
         help="Most queued workflows this worker runs at once.")] = None,
     grace: Annotated[float, typer.Option(
         help="On SIGTERM, seconds to let in-flight work reach its next durable call.")] = 10.0,
+    metrics_port: Annotated[int | None, typer.Option(
+        help="Serve Prometheus metrics at http://HOST:PORT/metrics (needs "
+             "crashsafe[prometheus]).")] = None,
+    metrics_host: Annotated[str, typer.Option(
+        help="Address the metrics endpoint binds to.")] = "127.0.0.1",
+    log_format: Annotated[str | None, typer.Option(
+        help="Write crashsafe's log lines to stderr as 'json' (one object per line, with "
+             "workflow_id, step, attempt) or 'text'.")] = None,
+    log_level: Annotated[str, typer.Option(help="Lowest level logged with --log-format.")
+                         ] = "INFO",
     db: DbOption = None,
 ) -> None:
     """Serve an app: take queued work, recover orphaned workflows, keep going until
     stopped. SIGTERM stops taking work, gives in-flight workflows --grace seconds, then
     hands queued ones back to their queue for other workers."""
+    if log_format is not None:
+        from ..observe.logs import configure
+
+        try:
+            configure(log_format, log_level.upper())
+        except ValueError as exc:
+            raise _fail(f"--log-format/--log-level: {exc}") from None
     app = load_app(target)
     url = _explicit_url(db)
     if url is not None:
         app._store = open_store(url)
+    server = None
+    if metrics_port is not None:
+        from ..observe import prometheus
+
+        try:
+            prometheus.instrument()  # before any workflow runs: count them all
+            server = prometheus.serve(app.store, metrics_port, metrics_host)
+        except (CrashsafeError, OSError) as exc:
+            raise _fail(f"cannot serve metrics on {metrics_host}:{metrics_port}: {exc}") \
+                from None
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     names = [n.strip() for n in queues.split(",") if n.strip()] if queues else None
@@ -764,10 +910,15 @@ def worker_cmd(
     served = ", ".join(sorted(app._served)) or "no queues"
     out.print(f"crashsafe worker {app.executor_id} serving {app.store.url} ({served}); "
               "Ctrl-C or SIGTERM to stop", highlight=False)
+    if server is not None:
+        host, port = server.server_address[:2]
+        out.print(f"metrics at http://{host!s}:{port}/metrics", highlight=False)
     try:
         stop.wait()
     except KeyboardInterrupt:
         pass
+    if server is not None:
+        server.shutdown()
     app.close(timeout=grace)
 
 
@@ -784,8 +935,10 @@ def demo_cmd(
     """Run the support-agent demo: faults, kill -9s, recovery, and a report."""
     from ..demo.runner import run_demo
 
-    code = run_demo(_url(db), tickets=tickets, kills=kills, seed=seed, concurrency=concurrency,
-                    fault_rate=fault_rate, as_json=as_json, console=out)
+    with _progress_bar("tickets") as progress:
+        code = run_demo(_url(db), tickets=tickets, kills=kills, seed=seed,
+                        concurrency=concurrency, fault_rate=fault_rate, as_json=as_json,
+                        console=out, progress=progress)
     raise typer.Exit(code)
 
 
@@ -850,7 +1003,9 @@ def chaos_cmd(
         settings = chaos.Settings(trials=trials, seed=seed, kills_per_trial=kills_per_trial,
                                   crash_at=crash_at, kill_window=kill_window,
                                   stuck_after=stuck_after, directory=directory)
-        code = chaos.run_campaign(workload, settings, as_json=as_json, console=out)
+        with _progress_bar("trials") as progress:
+            code = chaos.run_campaign(workload, settings, as_json=as_json, console=out,
+                                      progress=progress)
     except CrashsafeError as exc:
         raise _fail(str(exc)) from None
     raise typer.Exit(code)
@@ -858,3 +1013,9 @@ def chaos_cmd(
 
 def run() -> None:
     cli()
+
+
+# Registered last: its module imports the helpers above.
+from ._dashboard import dashboard_cmd  # noqa: E402
+
+cli.command("dashboard")(dashboard_cmd)

@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from .. import _codec
 from .._app import App
+from .._progress import Progress, quiet
 from ..exceptions import CrashsafeError
 from ..stores import ListFilter, Status, Store, open_store
 from ..stores.sqlite import parse_sqlite_url
@@ -186,8 +186,10 @@ class Operator:
 
 
 def run_demo(url: str, *, tickets: int, kills: int, seed: int | None, concurrency: int,
-             fault_rate: float, as_json: bool, console: Console) -> int:
-    """Run the demo; return the process exit code (0 only if every invariant holds)."""
+             fault_rate: float, as_json: bool, console: Console,
+             progress: Progress = quiet) -> int:
+    """Run the demo; return the process exit code (0 only if every invariant holds).
+    ``progress(done, total, note)`` is called with the tickets completed so far."""
     if not url.startswith("sqlite:"):
         console.print(f"[red]error:[/] the demo needs a SQLite file URL, got {url!r}")
         return 2
@@ -232,39 +234,43 @@ def run_demo(url: str, *, tickets: int, kills: int, seed: int | None, concurrenc
                                                limit=tickets + 10))
         return len(rows)
 
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TimeElapsedColumn(), console=console, disable=as_json, transient=False)
-    with progress:
-        task = progress.add_task("tickets", total=tickets)
-        child = spawn([*args, "--seed", str(rng.randrange(10**9))])
-        children.append(child)
-        while True:
-            time.sleep(0.05)
-            operator.answer()
-            done_count = completed()
-            progress.update(task, completed=done_count,
-                            description=f"tickets (kills {len(kill_log)}/{kills})")
-            if time.time() - started > RUN_LIMIT:
-                failure = f"the run did not finish within {RUN_LIMIT:.0f} s"
-                child.kill()
+    best = 0  # completed only grows; a read racing a kill must not show it shrinking
+
+    def report_progress() -> int:
+        nonlocal best
+        count = completed()
+        best = max(best, count)
+        progress(best, tickets, f"tickets (kills {len(kill_log)}/{kills})")
+        return count
+
+    progress(0, tickets, f"tickets (kills 0/{kills})")
+    child = spawn([*args, "--seed", str(rng.randrange(10**9))])
+    children.append(child)
+    while True:
+        time.sleep(0.05)
+        operator.answer()
+        done_count = report_progress()
+        if time.time() - started > RUN_LIMIT:
+            failure = f"the run did not finish within {RUN_LIMIT:.0f} s"
+            child.kill()
+            break
+        if child.proc.poll() is not None:
+            child.reap()
+            if child.flag("done").is_set() and child.proc.returncode == 0:
                 break
-            if child.proc.poll() is not None:
-                child.reap()
-                if child.flag("done").is_set() and child.proc.returncode == 0:
-                    break
-                failure = (f"the agent process exited with code {child.proc.returncode}: "
-                           f"{child.stderr_tail()}")
-                break
-            if len(kill_log) < len(thresholds) and done_count >= thresholds[len(kill_log)]:
-                time.sleep(rng.uniform(0.0, 0.3))  # a random instant, not a step boundary
-                child.kill()
-                killed_at = time.time()
-                snapshots.update(journal_snapshot(db_path, prefix))
-                child = spawn([*args, "--seed", str(rng.randrange(10**9))])
-                children.append(child)
-                kill_log.append({"killed_at": killed_at - started,
-                                 "completed_before": done_count})
-        progress.update(task, completed=completed())
+            failure = (f"the agent process exited with code {child.proc.returncode}: "
+                       f"{child.stderr_tail()}")
+            break
+        if len(kill_log) < len(thresholds) and done_count >= thresholds[len(kill_log)]:
+            time.sleep(rng.uniform(0.0, 0.3))  # a random instant, not a step boundary
+            child.kill()
+            killed_at = time.time()
+            snapshots.update(journal_snapshot(db_path, prefix))
+            child = spawn([*args, "--seed", str(rng.randrange(10**9))])
+            children.append(child)
+            kill_log.append({"killed_at": killed_at - started,
+                             "completed_before": done_count})
+    report_progress()
 
     for entry, kid in zip(kill_log, children[1:], strict=False):
         entry["recovery_s"] = kid.recovery_s()

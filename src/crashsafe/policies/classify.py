@@ -53,6 +53,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
+from .._secrets import redact_text
 from ..exceptions import ConfigurationError, StepError, WorkflowFailedError
 
 
@@ -387,7 +388,8 @@ def _retry_after(f: _Facts) -> tuple[float | None, str | None]:
 
 def _detail(f: _Facts) -> str:
     head = f.names[0].removeprefix("builtins.") + (f" {f.status}" if f.status else "")
-    message = _SECRET.sub(lambda m: f"{m.group(1) or m.group(2)}***", " ".join(f.message.split()))
+    message = redact_text(_SECRET.sub(lambda m: f"{m.group(1) or m.group(2)}***",
+                                      " ".join(f.message.split())))
     line = f"{head}: {message}" if message else head
     return line if len(line) <= 200 else line[:197] + "..."
 

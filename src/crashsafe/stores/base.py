@@ -14,7 +14,7 @@ batch, the backend retries the batches one by one so only the offender fails.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar, runtime_checkable
 
@@ -50,6 +50,9 @@ class Status(enum.StrEnum):
 
 
 ACTIVE_STATUSES = frozenset({Status.RUNNING, Status.WAITING, Status.CANCELLING})
+FINISHED_STATUSES = frozenset({Status.SUCCEEDED, Status.FAILED, Status.CANCELLED,
+                               Status.DEAD_LETTER})
+"""What retention may drop or compact (see :meth:`Store.drop_workflows`)."""
 PROCEEDING = frozenset({Status.RUNNING, Status.WAITING})
 """Active and not asked to stop."""
 
@@ -251,6 +254,11 @@ T = TypeVar("T")
 PayloadRewrite = Callable[[int, str, bytes], bytes | None]
 """``fn(index, kind, stored) -> replacement or None`` for :meth:`Store.rewrite_payloads`."""
 
+StoredPayload = tuple[str, str, int, str, bytes]
+"""``(workflow_id, table, index, kind, stored)``: one payload as
+:meth:`Store.load_payloads` lists it; ``table`` is ``workflows``, ``journal``,
+``attempts``, ``effects``, ``signals`` or ``rewound`` (rolled-back entries)."""
+
 SharedUpdate = Callable[[bytes | None, float], tuple[bytes | None, T]]
 """``fn(current_value, store_now) -> (new_value, result)`` for
 :meth:`Store.update_shared`; returning the current value unchanged writes nothing."""
@@ -325,6 +333,29 @@ def decide_claim(rec: WorkflowRecord, new_owner: str, max_recoveries: int,
     rec.owner = new_owner
     rec.token += 1  # the previous holder's writes are refused from now on
     return ClaimResult(claimed=True, record=rec)
+
+
+def choose_drops(rows: Sequence[tuple[str, str | None, str, float]], before: float,
+                 kept_parents: Callable[[set[str]], set[str]]) -> list[str]:
+    """Which of ``rows`` (``(id, parent_id, status, updated_at)`` as stored) the
+    :meth:`Store.drop_workflows` call may drop: finished, older than ``before``, and
+    whose parent is absent or dropped too. ``kept_parents(ids)`` says which of those
+    parent ids still have a row. Every backend calls this inside its transaction."""
+    eligible = {wid: parent for wid, parent, status, at in rows
+                if status in _FINISHED_VALUES and at < before}
+    outside = {p for p in eligible.values() if p is not None and p not in eligible}
+    kept = kept_parents(outside) if outside else set()
+    dropped: set[str] = set()
+    while True:  # a child goes once its parent does, at any depth
+        more = {wid for wid, parent in eligible.items() if wid not in dropped and (
+            parent is None or parent in dropped or (parent not in eligible
+                                                    and parent not in kept))}
+        if not more:
+            return sorted(dropped)
+        dropped |= more
+
+
+_FINISHED_VALUES = frozenset(s.value for s in FINISHED_STATUSES)
 
 
 @dataclass(slots=True)
@@ -475,9 +506,56 @@ class Store(Protocol):
         """Maintenance (key rotation): in one transaction, call ``fn(index, kind, data)``
         for every payload stored for ``workflow_id`` — its own ``inputs``/``output``/
         ``error`` at index -1, journal ``output``/``error``, ``attempt-error:N``,
-        ``effect-output``/``effect-error`` of the effects it recorded, and
-        ``signal:NAME`` (index 0) — and store what it returns instead (None: keep).
-        Returns how many payloads changed."""
+        ``effect-output``/``effect-error`` of the effects it recorded, ``signal:NAME``
+        (index 0), and the ``output``/``error`` of its rolled-back entries — and store
+        what it returns instead (None: keep). Rows are found by their workflow id, so
+        this also reaches the rows of an id that has no workflow row any more (see
+        :meth:`orphaned_workflow_ids`). Returns how many payloads changed."""
+        ...
+
+    def load_payloads(self, workflow_ids: Sequence[str]) -> list[StoredPayload]:
+        """Maintenance (``crashsafe verify``), read only: every payload
+        :meth:`rewrite_payloads` visits for each of ``workflow_ids``, as stored, grouped
+        by workflow in the order given. Many ids per call: the effects table has no
+        index on its workflow column, so each call reads it once."""
+        ...
+
+    def orphaned_workflow_ids(self) -> list[str]:
+        """Maintenance (key rotation, verify): the ids, sorted, that own journal,
+        attempt, effect, signal or rolled-back rows but have no workflow row: above all
+        the effect rows retention keeps after dropping their workflow (they deduplicate
+        until their expiry). :meth:`rewrite_payloads` and :meth:`load_payloads` reach
+        their rows by id."""
+        ...
+
+    def finished_workflows(self, before: float, after: tuple[float, str] | None, limit: int,
+                           *, roots: bool = False) -> list[tuple[str, float]]:
+        """Retention: ``(id, updated_at)`` of up to ``limit`` finished workflows
+        (succeeded, failed, cancelled, dead letter) last updated before ``before``,
+        ordered by ``(updated_at, id)`` and strictly after the cursor ``after``. With
+        ``roots``, only those without a parent workflow row (never a child, or the
+        parent was dropped): a child goes with its parent."""
+        ...
+
+    def drop_workflows(self, workflow_ids: Sequence[str], before: float) -> list[str]:
+        """Retention: in one transaction, delete each listed workflow that is still
+        finished, was last updated before ``before``, and has no parent row left
+        other than one dropped by this same call, with all its rows: journal,
+        attempts, signals, rolled-back entries, and intents whose effect key has no
+        row any more. Effect rows are *kept* (a key deduplicates until its expiry,
+        see :meth:`purge_effects`). Returns the ids dropped."""
+        ...
+
+    def rewrite_finished_entries(self, entries: Sequence[JournalEntry],
+                                 expect: Mapping[str, tuple[int, float]]) -> list[str]:
+        """Retention (checkpoint compaction): in one transaction, replace the
+        ``output`` and ``note`` of existing journal entries (same workflow, index and
+        kind). A compare-and-swap per workflow: its entries are written only if it is
+        still finished and its fencing token and ``updated_at`` are still
+        ``expect[workflow_id]``, as the caller read them *before* the journal it
+        planned from; a workflow rolled back, run again (both raise the token) or
+        missing from ``expect`` is left alone entirely. Returns the ids of the
+        workflows whose entries were written, sorted."""
         ...
 
     def clock(self) -> float:

@@ -10,12 +10,13 @@ from __future__ import annotations
 import copy
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..exceptions import StoreConflictError
 from .base import (
     ACTIVE_STATUSES,
+    FINISHED_STATUSES,
     PROCEEDING,
     AttemptRecord,
     ClaimResult,
@@ -33,10 +34,12 @@ from .base import (
     Requeue,
     SharedUpdate,
     Status,
+    StoredPayload,
     T,
     WorkflowExists,
     WorkflowNotRunning,
     WorkflowRecord,
+    choose_drops,
     decide_claim,
 )
 
@@ -377,7 +380,51 @@ class MemoryStore:
                         if (new := fn(0, f"signal:{name}", payload)) is not None:
                             queue[i] = new
                             changed += 1
+            for _, _, e in self._rewound.get(workflow_id, []):
+                redo(e, "output", e.index, "output")
+                redo(e, "error", e.index, "error")
             return changed
+
+    def load_payloads(self, workflow_ids: Sequence[str]) -> list[StoredPayload]:
+        found: dict[str, list[StoredPayload]] = {wid: [] for wid in workflow_ids}
+
+        def note(wid: str, table: str, index: int, kind: str, data: bytes | None) -> None:
+            if data is not None:
+                found[wid].append((wid, table, index, kind, bytes(data)))
+
+        with self._lock:
+            # The same walk as rewrite_payloads, told which table each payload is in.
+            for wid in found:
+                if (rec := self._workflows.get(wid)) is not None:
+                    for attr in ("inputs", "output", "error"):
+                        note(wid, "workflows", -1, attr, getattr(rec, attr))
+                entries = self._journal.get(wid, {})
+                for i in sorted(entries):
+                    note(wid, "journal", i, "output", entries[i].output)
+                    note(wid, "journal", i, "error", entries[i].error)
+                attempts = self._attempts.get(wid, {})
+                for key in sorted(attempts):
+                    note(wid, "attempts", key[0], f"attempt-error:{key[1]}", attempts[key].error)
+                for _, _, e in self._rewound.get(wid, []):
+                    note(wid, "rewound", e.index, "output", e.output)
+                    note(wid, "rewound", e.index, "error", e.error)
+            for row in sorted(self._effects.values(), key=lambda r: r.key):
+                if row.workflow_id in found:
+                    note(row.workflow_id, "effects", row.index, "effect-output", row.output)
+                    note(row.workflow_id, "effects", row.index, "effect-error", row.error)
+            for (wid, name), queue in sorted(self._signals.items()):
+                for payload in queue if wid in found else []:
+                    note(wid, "signals", 0, f"signal:{name}", payload)
+        return [row for rows in found.values() for row in rows]
+
+    def orphaned_workflow_ids(self) -> list[str]:
+        with self._lock:
+            owners = {wid for wid, rows in self._journal.items() if rows}
+            owners |= {wid for wid, rows in self._attempts.items() if rows}
+            owners |= {wid for wid, rows in self._rewound.items() if rows}
+            owners |= {r.workflow_id for r in self._effects.values()}
+            owners |= {wid for wid, _ in self._signals}
+            return sorted(owners - self._workflows.keys())
 
     def load_attempts(self, workflow_id: str) -> list[AttemptRecord]:
         with self._lock:
@@ -410,6 +457,64 @@ class MemoryStore:
     def get_executors(self, ids: Sequence[str]) -> dict[str, ExecutorRecord]:
         with self._lock:
             return {i: copy.copy(self._executors[i]) for i in ids if i in self._executors}
+
+    # -- retention ----------------------------------------------------------------------
+    def finished_workflows(self, before: float, after: tuple[float, str] | None, limit: int,
+                           *, roots: bool = False) -> list[tuple[str, float]]:
+        with self._lock:
+            found = sorted(
+                (r.updated_at, r.id) for r in self._workflows.values()
+                if r.status in FINISHED_STATUSES and r.updated_at < before
+                and (after is None or (r.updated_at, r.id) > after)
+                and not (roots and r.parent_id is not None and r.parent_id in self._workflows))
+            return [(wid, at) for at, wid in found[:max(0, limit)]]
+
+    def drop_workflows(self, workflow_ids: Sequence[str], before: float) -> list[str]:
+        with self._lock:
+            rows = [(r.id, r.parent_id, r.status.value, r.updated_at)
+                    for wid in dict.fromkeys(workflow_ids)
+                    if (r := self._workflows.get(wid)) is not None]
+            dropped = choose_drops(rows, before,
+                                   lambda ids: {i for i in ids if i in self._workflows})
+            gone = set(dropped)
+            for wid in dropped:
+                del self._workflows[wid]
+                self._journal.pop(wid, None)
+                self._attempts.pop(wid, None)
+                self._rewound.pop(wid, None)
+            self._signals = {k: v for k, v in self._signals.items() if k[0] not in gone}
+            held = {(r.workflow_id, r.index) for r in self._effects.values()}
+            self._intents = {k for k in self._intents if k[0] not in gone or k in held}
+            return dropped
+
+    def rewrite_finished_entries(self, entries: Sequence[JournalEntry],
+                                 expect: Mapping[str, tuple[int, float]]) -> list[str]:
+        with self._lock:
+            written: set[str] = set()
+            for e in entries:
+                rec = self._workflows.get(e.workflow_id)
+                held = self._journal.get(e.workflow_id, {}).get(e.index)
+                if rec is None or rec.status not in FINISHED_STATUSES or held is None \
+                        or held.kind != e.kind \
+                        or (rec.token, rec.updated_at) != tuple(expect.get(rec.id, ())):
+                    continue
+                held.output, held.note = e.output, e.note
+                written.add(e.workflow_id)
+            return sorted(written)
+
+    def usage(self) -> dict[str, int]:
+        """Rows per table (no bytes: nothing is on disk)."""
+        with self._lock:
+            return {
+                "workflows": len(self._workflows),
+                "journal": sum(len(j) for j in self._journal.values()),
+                "attempts": sum(len(a) for a in self._attempts.values()),
+                "signals": sum(len(q) for q in self._signals.values()),
+                "effects": len(self._effects),
+                "intents": len(self._intents),
+                "rewound": sum(len(r) for r in self._rewound.values()),
+                "shared": len(self._shared),
+            }
 
     def close(self) -> None:
         """Nothing to release; the data stays for other apps sharing this store."""

@@ -43,7 +43,7 @@ import functools
 import itertools
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
@@ -59,7 +59,15 @@ from ..exceptions import (
     StoreError,
     StoreUnavailableError,
 )
-from ._payload_sql import rewind_rows, rewrite_rows
+from ._payload_sql import (
+    drop_rows,
+    finished_query,
+    orphan_ids,
+    read_rows,
+    rewind_rows,
+    rewrite_finished_rows,
+    rewrite_rows,
+)
 from ._postgres_sql import (
     ATTEMPT_COLS,
     CLAIM,
@@ -112,6 +120,7 @@ from .base import (
     Requeue,
     SharedUpdate,
     Status,
+    StoredPayload,
     T,
     WorkflowExists,
     WorkflowNotRunning,
@@ -863,6 +872,14 @@ class PostgresStore:
 
         return self._run(f"rewriting the records of workflow {workflow_id!r}", body)
 
+    def load_payloads(self, workflow_ids: Sequence[str]) -> list[StoredPayload]:
+        return self._run("reading stored records", lambda conn: read_rows(
+            conn, workflow_ids, "%s"), transaction=False)
+
+    def orphaned_workflow_ids(self) -> list[str]:
+        return self._run("listing rows left without their workflow", orphan_ids,
+                         transaction=False)
+
     def clock(self) -> float:
         return float(self._read(f"SELECT {NOW}")[0][0])
 
@@ -886,3 +903,47 @@ class PostgresStore:
                 return
             self._closed = True
         self._pool.close(timeout=1.0)
+
+
+    # -- retention ----------------------------------------------------------------------
+    def finished_workflows(self, before: float, after: tuple[float, str] | None, limit: int,
+                           *, roots: bool = False) -> list[tuple[str, float]]:
+        query, params = finished_query(before, after, limit, roots, "%s")
+        return [(r[0], r[1]) for r in self._read(query, params)]
+
+    def drop_workflows(self, workflow_ids: Sequence[str], before: float) -> list[str]:
+        def body(conn: Conn) -> list[str]:
+            # Row locks first, so a resume or a signal racing this drop waits for it (or
+            # this drop sees the workflow running again and keeps it).
+            conn.execute("SELECT id FROM workflows WHERE id = ANY(%s) ORDER BY id FOR UPDATE",
+                         (list(workflow_ids),))
+            return drop_rows(conn, workflow_ids, before, "%s")
+
+        return self._run("dropping finished workflows (retention)", body)
+
+    def rewrite_finished_entries(self, entries: Sequence[JournalEntry],
+                                 expect: Mapping[str, tuple[int, float]]) -> list[str]:
+        if not entries:
+            return []
+
+        def body(conn: Conn) -> list[str]:
+            ids = sorted({e.workflow_id for e in entries})
+            # Held until the commit: a rewind or a claim (which raise the token) waits,
+            # so the token compared below is still the one when the entries are written.
+            conn.execute("SELECT id FROM workflows WHERE id = ANY(%s) ORDER BY id FOR SHARE",
+                         (ids,))
+            return rewrite_finished_rows(conn, entries, expect, "%s")
+
+        return self._run("compacting checkpoints (retention)", body)
+
+    def usage(self) -> dict[str, int]:
+        """Rows per table, and ``bytes``: the tables' total relation size (heap,
+        indexes, TOAST) in this store's schema."""
+        tables = ("workflows", "journal", "attempts", "signals", "effects", "intents",
+                  "rewound", "shared")
+        out = {t: int(self._read(f"SELECT count(*) FROM {t}")[0][0]) for t in tables}
+        out["bytes"] = int(self._read(
+            "SELECT COALESCE(sum(pg_total_relation_size(c.oid)), 0) FROM pg_class c "
+            "JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE n.nspname = current_schema() AND c.relkind = 'r'")[0][0])
+        return out

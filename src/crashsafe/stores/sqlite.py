@@ -16,7 +16,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,15 @@ from ..exceptions import (
     StoreFullError,
     StoreUnavailableError,
 )
-from ._payload_sql import rewind_rows, rewrite_rows
+from ._payload_sql import (
+    drop_rows,
+    finished_query,
+    orphan_ids,
+    read_rows,
+    rewind_rows,
+    rewrite_finished_rows,
+    rewrite_rows,
+)
 from .base import (
     AttemptRecord,
     ClaimResult,
@@ -48,6 +56,7 @@ from .base import (
     Requeue,
     SharedUpdate,
     Status,
+    StoredPayload,
     T,
     WorkflowExists,
     WorkflowNotRunning,
@@ -243,6 +252,10 @@ _MARK_WAITING = (
     "WHERE id = ? AND status IN ('running', 'waiting') AND owner = ? "
     "AND (?5 IS NULL OR token = ?5)"
 )
+
+
+_TABLES = ("workflows", "journal", "attempts", "signals", "effects", "intents", "rewound",
+           "shared")
 
 
 def parse_sqlite_url(url: str) -> tuple[str, dict[str, str]]:
@@ -832,6 +845,21 @@ class SQLiteStore:
         with self._write(f"rewriting the records of workflow {workflow_id!r}") as conn:
             return rewrite_rows(conn, workflow_id, fn, "?")
 
+    def _read_with(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Several statements on the read connection."""
+        with self._rlock:
+            self._check_open("reading")
+            try:
+                return fn(self._r)
+            except sqlite3.Error as exc:
+                raise _translate(exc, "reading") from exc
+
+    def load_payloads(self, workflow_ids: Sequence[str]) -> list[StoredPayload]:
+        return self._read_with(lambda conn: read_rows(conn, workflow_ids, "?"))
+
+    def orphaned_workflow_ids(self) -> list[str]:
+        return self._read_with(orphan_ids)
+
     def clock(self) -> float:
         # SQLite reads the operating system's clock itself, below anything a process
         # may have done to its own notion of time.
@@ -877,6 +905,48 @@ class SQLiteStore:
                 chunk,
             ):
                 out[r[0]] = ExecutorRecord(r[0], r[1], r[2], r[3], r[4], r[5], bool(r[6]))
+        return out
+
+    # -- retention ----------------------------------------------------------------------
+    def finished_workflows(self, before: float, after: tuple[float, str] | None, limit: int,
+                           *, roots: bool = False) -> list[tuple[str, float]]:
+        query, params = finished_query(before, after, limit, roots, "?")
+        return [(r[0], r[1]) for r in self._read(query, params)]
+
+    def drop_workflows(self, workflow_ids: Sequence[str], before: float) -> list[str]:
+        with self._write("dropping finished workflows (retention)") as conn:
+            dropped = drop_rows(conn, workflow_ids, before, "?")
+            # Freed pages are reused by later writes; a file created with
+            # auto_vacuum=INCREMENTAL also gives them back to the file system.
+            if dropped and conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2:
+                # Each step of the pragma frees one page, and the driver steps it once.
+                free = conn.execute("PRAGMA freelist_count").fetchone()[0]
+                while free:
+                    conn.execute("PRAGMA incremental_vacuum")
+                    now = conn.execute("PRAGMA freelist_count").fetchone()[0]
+                    if now >= free:
+                        break
+                    free = now
+            return dropped
+
+    def rewrite_finished_entries(self, entries: Sequence[JournalEntry],
+                                 expect: Mapping[str, tuple[int, float]]) -> list[str]:
+        if not entries:
+            return []
+        with self._write("compacting checkpoints (retention)") as conn:
+            return rewrite_finished_rows(conn, entries, expect, "?")
+
+    def usage(self) -> dict[str, int]:
+        """Rows per table, and bytes: ``bytes`` the pages in use, ``free_bytes`` the
+        free pages the file keeps for reuse, ``file_bytes`` the file and its WAL."""
+        out = {t: int(self._read(f"SELECT count(*) FROM {t}")[0][0]) for t in _TABLES}
+        size = int(self._read("PRAGMA page_size")[0][0])
+        pages = int(self._read("PRAGMA page_count")[0][0])
+        free = int(self._read("PRAGMA freelist_count")[0][0])
+        out["bytes"] = (pages - free) * size
+        out["free_bytes"] = free * size
+        out["file_bytes"] = sum(Path(self.path + ext).stat().st_size
+                                for ext in ("", "-wal") if Path(self.path + ext).exists())
         return out
 
     def close(self) -> None:

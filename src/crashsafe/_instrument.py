@@ -1,0 +1,286 @@
+"""Hook points where the engine reports what it does: spans, counters and log lines.
+
+The engine calls in at four places, always about records it has just made durable:
+
+* a workflow run begins (:func:`begin`, from ``App._run``: a fresh start, or a run
+  resumed after a crash, a suspension or a dequeue) and ends (:meth:`Run.end`, from
+  ``App._finish``, with how the run ended);
+* every commit of a run (:meth:`Run.committed`, from ``WorkflowContext.commit``):
+  step results, attempt rows (start, failure class, planned delay), checkpoints,
+  sleeps and waits are all journal records, so what is reported is what is durable;
+* a recovery sweep's claims (:func:`recovered`, from ``App.recover``).
+
+When nothing listens (no sink, the app does not trace, the ``crashsafe`` logger is
+not enabled for INFO) :func:`begin` returns None, and a run costs the engine one
+``is None`` test per commit.
+
+Everything is reported on the workflow's own thread, right after the commit it is
+about: log lines, and the :class:`Sink` objects (OpenTelemetry spans, Prometheus
+counters). No queue and no thread of ours sit in between: handing records to another
+thread cost more than building a span (a few microseconds), because that thread and the
+workflow's share the interpreter lock, and a workflow back from its fsync waited for it
+(docs/benchmarks.md has the figures). Exporting spans stays off the workflow's thread:
+that is the job of the OpenTelemetry SDK's ``BatchSpanProcessor``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from ._errors import describe
+from ._secrets import redact_text
+from .stores.base import AttemptRecord, JournalEntry
+
+if TYPE_CHECKING:
+    from ._app import App
+    from .stores.base import Op, WorkflowRecord
+
+log = logging.getLogger("crashsafe")
+
+class Sink:
+    """A listener called on the workflow's own thread, right after what it hears about
+    became durable, in the order things happened.
+
+    It must be quick and never block: the workflow waits for it (hand slow work, like
+    sending anything over the network, to a thread of its own). Sync workflows run on
+    several threads at once, so what a sink shares between runs needs a lock. An
+    exception it raises is logged and does not reach the workflow.
+    ``t0``/``t1``/``at`` are wall-clock nanoseconds (``time.time_ns()``). Override
+    what you need; every method does nothing by default.
+    """
+
+    def run_started(self, run: Run) -> None:
+        """A workflow run began in this process."""
+
+    def committed(self, run: Run, ops: Sequence[Op], t0: int, t1: int) -> None:
+        """``ops`` were committed by ``run`` between ``t0`` and ``t1``."""
+
+    def run_ended(self, run: Run, outcome: str, error: BaseException | None, at: int) -> None:
+        """The run ended: ``ok``, ``error``, ``cancelled``, ``dead_letter``, ``aborted``
+        (the process is stopping, or another one took the workflow), ``store_error``,
+        ``suspended`` or ``requeued`` (parked for a distant retry)."""
+
+    def recovered(self, claimed: int, dead_lettered: int) -> None:
+        """A recovery sweep took over ``claimed`` workflows of dead processes and parked
+        ``dead_lettered`` ones recovered too often."""
+
+
+_sinks: tuple[Sink, ...] = ()
+_sinks_lock = threading.Lock()
+
+
+def add_sink(sink: Sink) -> None:
+    """Feed ``sink`` from now on (runs already going are not fed)."""
+    global _sinks
+    with _sinks_lock:
+        if sink not in _sinks:
+            _sinks = (*_sinks, sink)
+
+
+def remove_sink(sink: Sink) -> None:
+    global _sinks
+    with _sinks_lock:
+        _sinks = tuple(s for s in _sinks if s is not sink)
+
+
+def _feed(sinks: Sequence[Sink], what: str, call: str, *args: Any) -> None:
+    """Call ``call`` on every sink; a broken one must not stop the others, nor the run."""
+    for sink in sinks:
+        try:
+            getattr(sink, call)(*args)
+        except Exception:
+            _failed(what)
+
+
+class Run:
+    """One workflow run being reported (see the module documentation)."""
+
+    __slots__ = ("app", "debug", "extra", "name", "offset_ns", "replayed", "resumed",
+                 "sinks", "span", "state", "token", "trace_id", "version", "workflow_id")
+
+    def __init__(self, app: App, rec: WorkflowRecord, resumed: int,
+                 sinks: tuple[Sink, ...]) -> None:
+        self.app = app
+        self.workflow_id = rec.id
+        self.name = rec.name
+        self.version = rec.version
+        self.token = rec.token
+        self.resumed = resumed
+        """Journal entries recorded by earlier runs (0: a first run)."""
+        self.sinks = sinks
+        self.span: Any = None
+        """The OpenTelemetry span of this run, when its app traces."""
+        self.trace_id: str | None = None
+        self.state: dict[int, Any] = {}
+        """Per-sink state, keyed by ``id(sink)``."""
+        self.replayed = 0
+        self.offset_ns = int(app._clock_offset * 1e9)
+        """The store's clock minus ours: records are stamped on the store's clock."""
+        self.extra: dict[str, Any] = {"workflow_id": rec.id, "workflow": rec.name}
+        self.debug = log.isEnabledFor(logging.DEBUG)
+
+    def set_trace(self, trace_id: str | None, span_id: str | None) -> None:
+        """Put the run's trace in its log lines."""
+        self.trace_id = trace_id
+        if trace_id is not None:
+            self.extra["trace_id"] = trace_id
+            self.extra["span_id"] = span_id
+
+    def enter(self) -> Any:
+        """Make the run's span current on this thread (spans your workflow and step code
+        opens become its children); returns what :meth:`leave` needs."""
+        if self.span is None:
+            return None
+        from .observe.otel import attach
+
+        try:
+            return attach(self.span)
+        except Exception:
+            _failed("making a run's span current")
+            return None
+
+    def leave(self, token: Any) -> None:
+        if token is not None:
+            from .observe.otel import detach
+
+            try:
+                detach(token)
+            except Exception:
+                _failed("leaving a run's span")
+
+    def committed(self, ops: Sequence[Op], t0: int) -> None:
+        """``ops`` were just committed (on the workflow's thread). Never raises: the
+        commit happened, whatever reporting it does."""
+        t1 = time.time_ns()
+        for sink in self.sinks:  # not _feed: this runs for every step
+            try:
+                sink.committed(self, ops, t0, t1)
+            except Exception:
+                _failed("a commit")
+        try:
+            self._log_commit(ops, t1 - t0)
+        except Exception:
+            _failed("a commit")
+
+    def _log_commit(self, ops: Sequence[Op], latency_ns: int) -> None:
+        for op in ops:
+            if type(op) is JournalEntry:
+                if op.kind == "step":
+                    if op.error is not None:
+                        self._step_failed(op)
+                    elif self.debug:
+                        self._log(logging.DEBUG, "step %r (index %d) finished after %d "
+                                  "attempt(s)", op.name, op.index, op.attempts,
+                                  step=op.name, step_index=op.index, attempt=op.attempts)
+                elif op.kind in ("wait", "signal", "sleep", "checkpoint"):
+                    self._timer(op, latency_ns)
+            elif type(op) is AttemptRecord and op.ended_at is not None \
+                    and op.failure_class and op.delay is not None:
+                self._log(logging.INFO, "step %r (index %d) attempt %d failed (%s): "
+                          "retrying in %.2f s (%s)", op.step, op.index, op.attempt,
+                          op.failure_class, op.delay, op.delay_source or "backoff",
+                          step=op.step, step_index=op.index, attempt=op.attempt,
+                          failure_class=op.failure_class)
+
+    def _step_failed(self, e: JournalEntry) -> None:
+        self._log(logging.WARNING, "step %r (index %d) failed after %d attempt(s): %s",
+                  e.name, e.index, e.attempts, redact_text(describe(e.error)[:500]),
+                  step=e.name, step_index=e.index, attempt=e.attempts)
+
+    def _timer(self, e: JournalEntry, latency_ns: int) -> None:
+        if e.kind == "wait":
+            self._log(logging.INFO, "waiting for signal %r", e.name, step_index=e.index)
+        elif e.kind == "signal":
+            how = "timed out" if e.error is not None else "arrived"
+            self._log(logging.INFO, "signal %r %s", e.name, how, step_index=e.index)
+        elif self.debug:
+            what = "checkpoint" if e.kind == "checkpoint" else "durable sleep"
+            self._log(logging.DEBUG, "%s %r (index %d) recorded in %.2f ms", what, e.name,
+                      e.index, latency_ns / 1e6, step_index=e.index)
+
+    def _log(self, level: int, msg: str, *args: Any, **fields: Any) -> None:
+        if log.isEnabledFor(level):
+            log.log(level, msg, *args, extra={**self.extra, **fields})
+
+    def end(self, outcome: str, error: BaseException | None, replayed: int) -> None:
+        """The run ended (on the workflow's thread). Never raises."""
+        self.replayed = replayed
+        if self.sinks:
+            _feed(self.sinks, "the end of a run", "run_ended", self, outcome, error,
+                  time.time_ns())
+        try:
+            self._log_end(outcome, error)
+        except Exception:
+            _failed("the end of a run")
+
+    def _log_end(self, outcome: str, error: BaseException | None) -> None:
+        level = logging.WARNING if outcome in ("error", "dead_letter", "store_error") \
+            else logging.INFO
+        if log.isEnabledFor(level):
+            detail = f": {redact_text(str(error))[:500]}" if error is not None \
+                and outcome not in ("ok", "suspended", "requeued") else ""
+            self._log(level, "workflow %s %s%s", self.workflow_id, _ENDED.get(outcome, outcome),
+                      detail, outcome=outcome)
+
+
+_ENDED = {
+    "ok": "succeeded", "error": "failed", "cancelled": "was cancelled",
+    "dead_letter": "was dead-lettered", "aborted": "stopped in this process",
+    "store_error": "stopped on a store error", "suspended": "suspended until its next retry",
+    "requeued": "went back to its queue until its next retry",
+}
+
+
+def begin(app: App, rec: WorkflowRecord, resumed: int) -> Run | None:
+    """A run of ``rec`` starts in this process; ``resumed``: entries already recorded.
+    None when nothing listens, or when reporting it failed (the run goes on)."""
+    try:
+        return _begin(app, rec, resumed)
+    except Exception:
+        _failed("the start of a run")
+        return None
+
+
+def _failed(what: str) -> None:
+    """Observability must never stop a workflow: say what broke, and carry on."""
+    log.warning("crashsafe could not report %s (the workflow is not affected)", what,
+                exc_info=True)
+
+
+def _begin(app: App, rec: WorkflowRecord, resumed: int) -> Run | None:
+    tracing = app._tracer()
+    sinks = _sinks if tracing is None else (*_sinks, tracing)
+    if not sinks and not log.isEnabledFor(logging.INFO):
+        return None
+    run = Run(app, rec, resumed, sinks)
+    if tracing is not None:
+        tracing.begin(run, rec.inputs)
+    if sinks:
+        _feed(sinks, "the start of a run", "run_started", run)
+    if resumed:
+        run._log(logging.INFO, "workflow %s resumed under lease %d, %d recorded entries "
+                 "to replay", rec.id, rec.token, resumed)
+    elif run.debug:  # its end is logged at INFO; a start is news only when debugging
+        run._log(logging.DEBUG, "workflow %s started", rec.id)
+    return run
+
+
+def recovered(app: App, claimed: Sequence[tuple[str, int]], dead: Sequence[str]) -> None:
+    """A recovery sweep claimed ``claimed`` ((id, new token)) and dead-lettered ``dead``."""
+    try:
+        _recovered(app, claimed, dead)
+    except Exception:
+        _failed("a recovery sweep")
+
+
+def _recovered(app: App, claimed: Sequence[tuple[str, int]], dead: Sequence[str]) -> None:
+    if _sinks and (claimed or dead):
+        _feed(_sinks, "a recovery sweep", "recovered", len(claimed), len(dead))
+    if log.isEnabledFor(logging.INFO):
+        for wid, token in claimed:
+            log.info("workflow %s taken over by %s (token %d): its owner is gone", wid,
+                     app.executor_id, token, extra={"workflow_id": wid})

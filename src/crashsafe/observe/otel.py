@@ -1,0 +1,488 @@
+"""OpenTelemetry spans for workflows, steps, attempts, checkpoints, sleeps and waits.
+
+Enabled per app: ``App(tracing=True)`` traces through the global tracer provider,
+``App(tracing=provider)`` through that one, ``App(tracing=False)`` never; the default
+(``None``) traces when ``opentelemetry`` is imported and a real tracer provider has
+been set globally (``trace.set_tracer_provider(...)``) by the time a run begins. Needs
+``pip install 'crashsafe[otel]'``.
+
+The spans of one workflow, whichever process ran which part::
+
+    start <name>                 (where app.start was called; ended at once)
+    └── workflow <name>          one per run: the first, and each resumed one
+        ├── step <name>          one per step call that ran (not replayed ones)
+        │   ├── attempt 1        only for a step that needed more than one attempt
+        │   └── attempt 2
+        ├── checkpoint <label>
+        ├── sleep
+        └── wait <signal>
+
+**The trace survives a crash.** ``app.start`` stamps the context of its ``start``
+span (a W3C ``traceparent``) into the workflow's stored inputs, written in the same
+transaction as the workflow row. Every run — the first, and one resumed after kill -9
+by any process — reads it back and opens its ``workflow`` span as a child of that
+span, so the whole story is one trace. (A workflow started before its app traced has
+no stamp: each of its runs starts a trace of its own.)
+
+Step, attempt, checkpoint, sleep and wait spans are built from the records each
+commit made durable, with their recorded start and end times, on the workflow's thread
+right after the commit (a few microseconds a span; see :mod:`crashsafe._instrument`),
+and handed to the provider's span processors: use a ``BatchSpanProcessor`` in
+production, which exports on a thread of its own, so the workflow never waits for the
+exporter (a ``SimpleSpanProcessor`` exports each span on the spot, in the workflow). The
+run's ``workflow`` span is current while the workflow's code runs, so spans your own
+code opens (an instrumented HTTP or LLM client) land in the same trace, as children
+of the run.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from .. import __version__
+from .._errors import describe, recorded_class
+from .._instrument import Run, Sink
+from .._secrets import redact_text
+from ..exceptions import ConfigurationError, CrashsafeError
+from ..stores.base import AttemptRecord, JournalEntry
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import SpanContext, Tracer, TracerProvider
+
+    from ..stores.base import Op
+
+EXTRA = "pip install 'crashsafe[otel]'"
+"""What to install for tracing."""
+STAMP_KEY = "trace"
+"""The key of the traceparent in a workflow's stored inputs document."""
+_FAILED = frozenset({"error", "dead_letter", "store_error"})
+
+
+def _api() -> Any:
+    try:
+        from opentelemetry import trace
+    except ImportError as exc:
+        raise ConfigurationError(
+            f"tracing needs the OpenTelemetry packages: {EXTRA} (or pass "
+            "App(tracing=False))") from exc
+    return trace
+
+
+def auto_provider() -> TracerProvider | None:
+    """The global tracer provider, if ``opentelemetry`` is imported and one was set."""
+    import sys
+
+    trace = sys.modules.get("opentelemetry.trace")
+    if trace is None:
+        return None
+    provider = trace.get_tracer_provider()
+    if isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider):
+        return None
+    return provider  # type: ignore[no-any-return]
+
+
+def attach(span: Any) -> object:
+    from opentelemetry import context, trace
+
+    if isinstance(span, _OpenRun):
+        span = span.current
+    return context.attach(trace.set_span_in_context(span))
+
+
+def detach(token: Any) -> None:
+    from opentelemetry import context
+
+    context.detach(token)
+
+
+# -- the stamp: a traceparent inside the stored inputs ------------------------------------
+class _Stamp(msgspec.Struct):
+    trace: str | None = None
+
+
+def stamp(inputs: bytes, traceparent: str) -> bytes:
+    """``inputs`` (the JSON object ``{"args": ..., "kwargs": ...}``) with the
+    traceparent added as one more key; readers of the arguments ignore it."""
+    if not inputs.endswith(b"}") or len(inputs) < 2:
+        return inputs
+    sep = b"" if inputs == b"{}" else b","
+    return inputs[:-1] + sep + f'"{STAMP_KEY}":"{traceparent}"}}'.encode()
+
+
+def stamped(inputs: bytes) -> str | None:
+    """The traceparent stamped into ``inputs``, or None."""
+    try:
+        return msgspec.json.decode(inputs, type=_Stamp).trace
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+
+
+def traceparent(sc: SpanContext) -> str:
+    return f"00-{sc.trace_id:032x}-{sc.span_id:016x}-{int(sc.trace_flags):02x}"
+
+
+def parse_traceparent(value: str | None) -> SpanContext | None:
+    """The remote span context of a W3C ``traceparent``, or None when malformed."""
+    if not value:
+        return None
+    parts = value.split("-")
+    if len(parts) < 4 or len(parts[1]) != 32 or len(parts[2]) != 16:
+        return None
+    try:
+        trace_id, span_id, flags = int(parts[1], 16), int(parts[2], 16), int(parts[3], 16)
+    except ValueError:
+        return None
+    if not trace_id or not span_id:
+        return None
+    trace = _api()
+    return trace.SpanContext(trace_id, span_id, is_remote=True,  # type: ignore[no-any-return]
+                             trace_flags=trace.TraceFlags(flags))
+
+
+# -- the tracer -----------------------------------------------------------------------------
+class Tracing(Sink):
+    """Spans for one app's workflows (see the module documentation)."""
+
+    def __init__(self, provider: TracerProvider | None = None) -> None:
+        trace = _api()
+        self.provider = provider
+        source = provider if provider is not None else trace.get_tracer_provider()
+        self.source = source
+        self.tracer: Tracer = source.get_tracer("crashsafe", __version__)
+        self._trace = trace
+        self._direct = _Direct.of(self.tracer)
+        self._unset = trace.Status(trace.StatusCode.UNSET)
+        self._key = id(self)
+        self._step_names: dict[str, str] = {}
+
+    # On the caller's thread ------------------------------------------------------------
+    def stamp_start(self, inputs: bytes, name: str, workflow_id: str | None) -> bytes:
+        """Open and end the ``start`` span (a child of the caller's current span) and
+        stamp its context into ``inputs`` (unchanged if tracing fails: the workflow
+        starts anyway)."""
+        try:
+            return self._stamp_start(inputs, name, workflow_id)
+        except Exception:
+            from .._instrument import _failed
+
+            _failed("the start of a workflow")
+            return inputs
+
+    def _stamp_start(self, inputs: bytes, name: str, workflow_id: str | None) -> bytes:
+        attrs: dict[str, Any] = {"crashsafe.workflow.name": name}
+        if workflow_id is not None:
+            attrs["crashsafe.workflow.id"] = workflow_id
+        span = self.tracer.start_span(f"start {name}", kind=self._trace.SpanKind.PRODUCER,
+                                      attributes=attrs)
+        span.end()
+        sc = span.get_span_context()
+        return stamp(inputs, traceparent(sc)) if sc.is_valid else inputs
+
+    def begin(self, run: Run, inputs: bytes) -> None:
+        """Open the run's ``workflow`` span, a child of the stamped ``start`` span."""
+        parent = parse_traceparent(stamped(inputs))
+        attrs: dict[str, Any] = {
+            "crashsafe.workflow.id": run.workflow_id,
+            "crashsafe.workflow.name": run.name,
+            "crashsafe.workflow.version": run.version,
+            "crashsafe.run.resumed": bool(run.resumed),
+            "crashsafe.run.recorded_entries": run.resumed,
+            "crashsafe.run.token": run.token,
+            "crashsafe.executor": run.app.executor_id,
+        }
+        name = f"workflow {run.name}"
+        if self._direct is not None and parent is not None:
+            span: Any = _OpenRun(self._direct, name, parent, attrs)
+        else:
+            from opentelemetry.context import Context
+
+            trace = self._trace  # a stamped run under its start span; else a trace of its own
+            ctx = trace.set_span_in_context(trace.NonRecordingSpan(parent), Context()) \
+                if parent is not None else Context()
+            span = self.tracer.start_span(name, context=ctx, attributes=attrs)
+        run.span = span
+        sc = span.get_span_context()
+        if sc.is_valid:
+            run.set_trace(f"{sc.trace_id:032x}", f"{sc.span_id:016x}")
+
+    # On the workflow's thread, after each commit ---------------------------------------
+    def committed(self, run: Run, ops: Sequence[Op], t0: int, t1: int) -> None:
+        st = run.state.get(self._key)
+        if st is None:
+            st = self._state(run)
+        if st.parent is None:
+            return
+        if st.sleep is not None:
+            self._wake(run, st, t1)
+        if len(ops) != 1 or type(ops[0]) is not JournalEntry:
+            for op in ops:  # first the attempt rows: a step's last one commits with its result
+                if type(op) is AttemptRecord and op.ended_at is not None:
+                    st.attempts.setdefault(op.index, {})[op.attempt] = op
+        for op in ops:
+            if type(op) is not JournalEntry:
+                continue
+            kind = op.kind
+            if kind == "step":
+                if op.error is None and op.note is None and not st.attempts:
+                    self._plain_step(run, st.parent, op, t1)
+                else:
+                    self._step(run, st, op, t1)
+            elif kind == "checkpoint":
+                self._span(st.parent, f"checkpoint {op.name}", t0, t1, {
+                    "crashsafe.step.index": op.index,
+                    "crashsafe.checkpoint.label": op.name,
+                    "crashsafe.checkpoint.bytes": len(op.output or b""),
+                    "crashsafe.checkpoint.commit_ms": (t1 - t0) / 1e6})
+            elif kind == "sleep":
+                wake = _number(op.output)
+                begun = _ns(op.started_at, run)
+                st.sleep = (op.index, begun, _ns(wake, run) if wake else begun)
+            elif kind == "wait":
+                st.waits[op.index] = _ns(op.started_at, run)
+            elif kind == "signal":
+                self._span(st.parent, f"wait {op.name}", st.waits.pop(op.index - 1, t0), t1, {
+                    "crashsafe.step.index": op.index - 1,
+                    "crashsafe.signal": op.name,
+                    "crashsafe.outcome": "timed out" if op.error else "signal"},
+                    error=op.error)
+            elif kind == "compensate":
+                self._span(st.parent, f"compensate {op.name}", _ns(op.started_at, run), t1, {
+                    "crashsafe.step.index": op.index,
+                    "crashsafe.outcome": "error" if op.error else "ok"}, error=op.error)
+
+    def run_ended(self, run: Run, outcome: str, error: BaseException | None, at: int) -> None:
+        span = run.span
+        if span is None:
+            return
+        st = self._state(run)
+        if st.parent is not None:
+            self._wake(run, st, at)
+            for index, rows in sorted(st.attempts.items()):  # a step still retrying
+                first = rows[min(rows)]
+                step = self._span(st.parent, f"step {first.step}", _ns(first.started_at, run),
+                                  at, {"crashsafe.step.index": index,
+                                       "crashsafe.step.name": first.step,
+                                       "crashsafe.step.attempts": max(rows),
+                                       "crashsafe.outcome": "unfinished"})
+                self._attempts(run, step, rows)
+        span.set_attribute("crashsafe.outcome", outcome)
+        span.set_attribute("crashsafe.run.replayed", run.replayed)
+        if outcome in _FAILED:
+            text = redact_text(f"{type(error).__name__}: {error}")[:300] if error else outcome
+            span.set_status(self._trace.Status(self._trace.StatusCode.ERROR, text))
+            if error is not None:
+                span.set_attribute("error.type", type(error).__name__)
+        span.end(end_time=at)
+        run.state.pop(self._key, None)
+
+    # ------------------------------------------------------------------------------------
+    def _state(self, run: Run) -> _RunState:
+        st = run.state.get(self._key)
+        if st is None:
+            st = run.state[self._key] = _RunState()
+            sc = run.span.get_span_context() if run.span is not None else None
+            # Children follow their run's sampling decision (as a parent-based sampler
+            # would): a run that is not recorded gets no step spans either.
+            if sc is not None and sc.is_valid and sc.trace_flags.sampled:
+                st.parent = sc
+        return st
+
+    def _wake(self, run: Run, st: _RunState, now: int) -> None:
+        """A sleep's span ends when the run next does something (or ends)."""
+        if st.sleep is None or st.parent is None:
+            return
+        index, begun, wake = st.sleep
+        st.sleep = None
+        self._span(st.parent, "sleep", begun, max(begun, min(wake, now)),
+                   {"crashsafe.step.index": index})
+
+    def _plain_step(self, run: Run, parent: SpanContext, e: JournalEntry, t1: int) -> None:
+        """The span of a step that succeeded at once (nearly all): :meth:`_step`, with
+        only what such a step needs (this runs once per step, in the workflow)."""
+        name = self._step_names.get(e.name)
+        if name is None:
+            name = f"step {e.name}"
+            if len(self._step_names) < 1024:  # step names come from the code: a few
+                self._step_names[e.name] = name
+        start = int(e.started_at * 1e9) - run.offset_ns
+        attrs = {"crashsafe.step.index": e.index, "crashsafe.step.name": e.name,
+                 "crashsafe.step.attempts": e.attempts, "crashsafe.outcome": "ok"}
+        if self._direct is not None:
+            self._direct.record(parent, name, start, t1 if t1 > start else start, attrs,
+                                self._unset)
+        else:
+            self._span(parent, name, start, t1, attrs)
+
+    def _step(self, run: Run, st: _RunState, e: JournalEntry, t1: int) -> None:
+        assert st.parent is not None
+        attrs: dict[str, Any] = {
+            "crashsafe.step.index": e.index,
+            "crashsafe.step.name": e.name,
+            "crashsafe.step.attempts": e.attempts,
+        }
+        if e.error is not None:
+            attrs["crashsafe.outcome"] = "error"
+            attrs["crashsafe.failure_class"] = _failure_class(e.error)
+        else:
+            attrs["crashsafe.outcome"] = "deduplicated" \
+                if (e.note or "").startswith("deduplicated") else "ok"
+        step = self._span(st.parent, f"step {e.name}", _ns(e.started_at, run), t1, attrs,
+                          error=e.error)
+        rows = st.attempts.pop(e.index, None)
+        if rows:
+            self._attempts(run, step, rows)
+
+    def _attempts(self, run: Run, parent: SpanContext, rows: dict[int, AttemptRecord]) -> None:
+        for n in sorted(rows):
+            r = rows[n]
+            attrs: dict[str, Any] = {
+                "crashsafe.step.index": r.index,
+                "crashsafe.step.name": r.step,
+                "crashsafe.attempt": r.attempt,
+                "crashsafe.outcome": "error" if r.failure_class else "ok",
+            }
+            if r.failure_class:
+                attrs["crashsafe.failure_class"] = r.failure_class
+            if r.delay is not None:
+                attrs["crashsafe.retry.delay_s"] = r.delay
+                attrs["crashsafe.retry.delay_source"] = r.delay_source or "backoff"
+            end = r.ended_at if r.ended_at is not None else r.started_at
+            self._span(parent, f"attempt {r.attempt}", _ns(r.started_at, run), _ns(end, run),
+                       attrs, error=r.error)
+
+    def _span(self, parent: SpanContext, name: str, start: int, end: int,
+              attrs: dict[str, Any], *, error: bytes | None = None) -> SpanContext:
+        """Record one finished span under ``parent``; returns its context."""
+        trace = self._trace
+        status = self._unset
+        if error is not None:
+            status = trace.Status(trace.StatusCode.ERROR, redact_text(describe(error))[:300])
+            attrs["error.type"] = _error_type(error)
+        end = max(start, end)
+        if self._direct is not None:
+            return self._direct.record(parent, name, start, end, attrs, status)
+        span = self.tracer.start_span(
+            name, context=trace.set_span_in_context(trace.NonRecordingSpan(parent)),
+            attributes=attrs, start_time=start)
+        if error is not None:
+            span.set_status(status)
+        span.end(end_time=end)
+        return span.get_span_context()
+
+
+class _Direct:
+    """Records finished spans straight into an SDK tracer's span processors.
+
+    A span whose start and end are already known needs none of the live ``Span``'s
+    machinery (locks, limits, a sampler asked again for a child of a sampled run): it is
+    built as the SDK's ``ReadableSpan`` and handed to the processors' ``on_end``, where
+    a span ended through the API goes too. Four to five times cheaper, which keeps
+    tracing within the overhead budget (see docs/benchmarks.md). Only for the SDK's
+    own tracer; any other goes through ``start_span``. Processors' ``on_start`` is not
+    called for these spans.
+    """
+
+    def __init__(self, tracer: Any) -> None:
+        from opentelemetry.sdk.trace import ReadableSpan
+        from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+        from opentelemetry.trace import SpanContext, SpanKind
+
+        self.processor = tracer.span_processor
+        self.resource = tracer.resource
+        self.new_id = tracer.id_generator.generate_span_id
+        self.scope = InstrumentationScope("crashsafe", __version__)
+        self.span_type, self.context_type = ReadableSpan, SpanContext
+        self.kind = SpanKind.INTERNAL
+
+    @classmethod
+    def of(cls, tracer: Any) -> _Direct | None:
+        try:
+            from opentelemetry.sdk.trace import Tracer as SdkTracer
+        except ImportError:
+            return None
+        if type(tracer) is not SdkTracer or not all(
+                hasattr(tracer, a) for a in ("span_processor", "resource", "id_generator")):
+            return None
+        return cls(tracer)
+
+    def record(self, parent: SpanContext, name: str, start: int, end: int,
+               attrs: dict[str, Any], status: Any, ctx: Any = None) -> SpanContext:
+        if ctx is None:
+            ctx = self.context_type(parent.trace_id, self.new_id(), False, parent.trace_flags,
+                                    parent.trace_state)
+        self.processor.on_end(self.span_type(
+            name, ctx, parent, self.resource, attrs, (), (), self.kind, None, status, start,
+            end, self.scope))
+        return ctx  # type: ignore[no-any-return]
+
+
+class _OpenRun:
+    """A run's ``workflow`` span recorded the direct way (see :class:`_Direct`): its
+    context exists from the start, for the workflow's code to open spans under; the
+    span itself is made when the run ends. Sampled as its ``start`` span was."""
+
+    def __init__(self, direct: _Direct, name: str, parent: SpanContext,
+                 attrs: dict[str, Any]) -> None:
+        from opentelemetry.trace import NonRecordingSpan, Status, StatusCode
+
+        self.direct, self.name, self.parent, self.attrs = direct, name, parent, attrs
+        self.context: SpanContext = direct.context_type(
+            parent.trace_id, direct.new_id(), False, parent.trace_flags, parent.trace_state)
+        self.current = NonRecordingSpan(self.context)
+        self.status: Any = Status(StatusCode.UNSET)
+        self.start = time.time_ns()
+
+    def get_span_context(self) -> SpanContext:
+        return self.context
+
+    def set_attribute(self, key: str, value: Any) -> None:
+        self.attrs[key] = value
+
+    def set_status(self, status: Any) -> None:
+        self.status = status
+
+    def end(self, end_time: int) -> None:
+        if self.context.trace_flags.sampled:
+            self.direct.record(self.parent, self.name, self.start, max(self.start, end_time),
+                               self.attrs, self.status, self.context)
+
+
+class _RunState:
+    """What the tracer keeps about one run between its commits."""
+
+    __slots__ = ("attempts", "parent", "sleep", "waits")
+
+    def __init__(self) -> None:
+        self.parent: SpanContext | None = None
+        self.attempts: dict[int, dict[int, AttemptRecord]] = {}
+        self.sleep: tuple[int, int, int] | None = None
+        self.waits: dict[int, int] = {}
+
+
+def _ns(seconds: float, run: Run) -> int:
+    """A record's time (the store's clock) as our wall clock in nanoseconds."""
+    return int(seconds * 1e9) - run.offset_ns
+
+
+def _number(data: bytes | None) -> float | None:
+    try:
+        value = msgspec.json.decode(data or b"null")
+    except msgspec.DecodeError:
+        return None
+    return float(value) if isinstance(value, int | float) else None
+
+
+def _failure_class(payload: bytes) -> str:
+    try:
+        return recorded_class(payload) or "unknown"
+    except CrashsafeError:
+        return "unknown"
+
+
+def _error_type(payload: bytes) -> str:
+    text = describe(payload)
+    return text.split(":", 1)[0] if ":" in text else "Exception"

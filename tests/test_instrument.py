@@ -1,0 +1,705 @@
+"""The engine's hooks: OpenTelemetry spans (the real SDK, in-memory exporter), the trace
+carried across a real kill -9, structured JSON logs without secrets, and the Prometheus
+exposition (parsed with prometheus_client's own parser) and its server.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from opentelemetry import trace as trace_api
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import StatusCode
+from prometheus_client.parser import text_string_to_metric_families
+
+import crashsafe
+from crashsafe import App, RetryPolicy, _instrument
+from crashsafe._errors import error_payload, pin_class
+from crashsafe.observe import prometheus
+from crashsafe.observe.logs import JsonFormatter
+from crashsafe.observe.otel import parse_traceparent, stamped
+from crashsafe.policies.classify import classify
+from crashsafe.stores.base import (
+    AttemptRecord,
+    CreateWorkflow,
+    JournalEntry,
+    Op,
+    Status,
+    WorkflowRecord,
+)
+from trace_worker import WORKFLOW_ID, define
+
+HERE = Path(__file__).resolve().parent
+FAST = RetryPolicy(max_attempts=3, initial_delay=0.001, max_delay=0.001)
+
+
+@pytest.fixture(params=["direct", "start_span"])
+def traced(request: pytest.FixtureRequest,
+           tmp_path: Path) -> Iterator[tuple[App, InMemorySpanExporter]]:
+    """An app tracing into memory; spans recorded straight into the SDK's processors,
+    or through the API's start_span (the path for tracers other than the SDK's)."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    app = App(f"sqlite:///{tmp_path / 'traced.db'}", tracing=provider)
+    assert app._tracer()._direct is not None
+    if request.param == "start_span":
+        app._tracer()._direct = None
+    yield app, exporter
+    if not app._closing.is_set():
+        app.close()
+
+
+def _spans(exporter: InMemorySpanExporter) -> list[ReadableSpan]:
+    return list(exporter.get_finished_spans())
+
+
+def _one(spans: list[ReadableSpan], name: str) -> ReadableSpan:
+    found = [s for s in spans if s.name == name]
+    assert len(found) == 1, [s.name for s in spans]
+    return found[0]
+
+
+def _ids(span: ReadableSpan) -> tuple[int, int]:
+    assert span.context is not None
+    return span.context.trace_id, span.context.span_id
+
+
+def _parent(span: ReadableSpan) -> int | None:
+    return span.parent.span_id if span.parent is not None else None
+
+
+# -- spans ------------------------------------------------------------------------------------
+def test_spans_of_a_workflow_nest_and_carry_their_attributes(
+        traced: tuple[App, InMemorySpanExporter]) -> None:
+    app, exporter = traced
+    calls = {"n": 0}
+
+    @app.step(retry=FAST, name="flaky")
+    def flaky(x: int) -> int:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise TimeoutError("the model took too long")
+        return x * 2
+
+    @app.step(name="plain")
+    def plain(x: int) -> int:
+        return x + 1
+
+    @app.workflow(name="agent")
+    def agent(x: int) -> int:
+        crashsafe.checkpoint({"messages": ["hi"]}, label="turn-1")
+        crashsafe.sleep(0.01)
+        return plain(flaky(x))
+
+    tracer = trace_api.get_tracer("caller", tracer_provider=app.tracing)
+    with tracer.start_as_current_span("http request") as caller:
+        handle = app.start(agent, 5, workflow_id="W-1")
+    assert handle.result(timeout=10) == 11
+    app.close()
+    spans = _spans(exporter)
+    assert {s.name for s in spans} == {
+        "http request", "start agent", "workflow agent", "checkpoint turn-1", "sleep",
+        "step flaky", "attempt 1", "attempt 2", "step plain"}
+    trace_id, caller_id = caller.get_span_context().trace_id, caller.get_span_context().span_id
+    assert all(_ids(s)[0] == trace_id for s in spans), "one trace from the caller down"
+
+    start, run = _one(spans, "start agent"), _one(spans, "workflow agent")
+    assert _parent(start) == caller_id
+    assert _parent(run) == _ids(start)[1]
+    assert start.attributes == {"crashsafe.workflow.name": "agent",
+                                "crashsafe.workflow.id": "W-1"}
+    assert run.attributes is not None
+    assert run.attributes["crashsafe.workflow.id"] == "W-1"
+    assert run.attributes["crashsafe.workflow.name"] == "agent"
+    assert run.attributes["crashsafe.run.resumed"] is False
+    assert run.attributes["crashsafe.outcome"] == "ok"
+    assert run.status.status_code is StatusCode.UNSET
+
+    for name in ("checkpoint turn-1", "sleep", "step flaky", "step plain"):
+        assert _parent(_one(spans, name)) == _ids(run)[1], name
+    step = _one(spans, "step flaky")
+    assert step.attributes == {"crashsafe.step.index": 2, "crashsafe.step.name": "flaky",
+                               "crashsafe.step.attempts": 2, "crashsafe.outcome": "ok"}
+    first, second = _one(spans, "attempt 1"), _one(spans, "attempt 2")
+    assert _parent(first) == _parent(second) == _ids(step)[1]
+    assert first.attributes is not None and second.attributes is not None
+    assert first.attributes["crashsafe.attempt"] == 1
+    assert first.attributes["crashsafe.outcome"] == "error"
+    assert first.attributes["crashsafe.failure_class"] == "timeout"
+    assert first.attributes["error.type"] == "TimeoutError"
+    assert first.status.status_code is StatusCode.ERROR
+    assert second.attributes["crashsafe.attempt"] == 2
+    assert second.attributes["crashsafe.outcome"] == "ok"
+    assert "crashsafe.failure_class" not in second.attributes
+    # Times come from the records: attempts inside their step, in order, inside the run.
+    assert step.start_time is not None and step.end_time is not None
+    assert first.start_time is not None and second.end_time is not None
+    assert step.start_time <= first.start_time <= second.start_time <= step.end_time
+    assert run.start_time is not None and run.end_time is not None
+    assert run.start_time <= step.start_time and step.end_time <= run.end_time
+    plain_span = _one(spans, "step plain")
+    assert plain_span.attributes is not None
+    assert plain_span.attributes["crashsafe.step.attempts"] == 1
+    checkpoint = _one(spans, "checkpoint turn-1")
+    assert checkpoint.attributes is not None
+    assert checkpoint.attributes["crashsafe.checkpoint.bytes"] > 0
+    sleep = _one(spans, "sleep")
+    assert sleep.end_time is not None and sleep.start_time is not None
+    assert sleep.end_time - sleep.start_time >= 5_000_000  # 10 ms asked (clock jitter)
+
+
+def test_a_failed_step_and_workflow_are_error_spans_without_the_secret(
+        traced: tuple[App, InMemorySpanExporter]) -> None:
+    app, exporter = traced
+    canary = "sk-proj-CANARY0123456789abcdef"
+
+    @app.step(name="charge")
+    def charge(order: str) -> str:
+        raise ValueError(f"card declined for {order}; api_key={canary}")
+
+    @app.workflow(name="billing")
+    def billing(order: str) -> str:
+        return charge(order)
+
+    with pytest.raises(ValueError, match="card declined"):
+        app.start(billing, "o-1", workflow_id="B-1").result(timeout=10)
+    app.close()
+    spans = _spans(exporter)
+    step, run = _one(spans, "step charge"), _one(spans, "workflow billing")
+    assert step.status.status_code is StatusCode.ERROR
+    assert step.attributes is not None
+    assert step.attributes["crashsafe.outcome"] == "error"
+    assert step.attributes["crashsafe.failure_class"] == classify(ValueError()).cls.value
+    assert step.attributes["error.type"] == "ValueError"
+    assert run.status.status_code is StatusCode.ERROR
+    assert run.attributes is not None and run.attributes["crashsafe.outcome"] == "error"
+    text = repr([(s.name, s.attributes, s.status.description, s.events) for s in spans])
+    assert "card declined" in text  # the description is there ...
+    assert canary not in text and "CANARY0123" not in text  # ... the key is not
+
+
+def test_a_run_span_is_current_for_the_workflow_code(
+        traced: tuple[App, InMemorySpanExporter]) -> None:
+    app, exporter = traced
+    tracer = trace_api.get_tracer("user", tracer_provider=app.tracing)
+
+    @app.step(name="llm")
+    def llm(prompt: str) -> str:
+        with tracer.start_as_current_span("openai.chat"):
+            return prompt.upper()
+
+    @app.workflow(name="chat")
+    async def chat(prompt: str) -> str:
+        return await llm_async(prompt)
+
+    @app.step(name="llm_async")
+    async def llm_async(prompt: str) -> str:
+        with tracer.start_as_current_span("anthropic.messages"):
+            return prompt[::-1]
+
+    @app.workflow(name="chat_sync")
+    def chat_sync(prompt: str) -> str:
+        return llm(prompt)
+
+    assert app.start(chat_sync, "hi").result(timeout=10) == "HI"
+    assert app.start(chat, "ab").result(timeout=10) == "ba"
+    app.close()
+    spans = _spans(exporter)
+    for user, run in (("openai.chat", "workflow chat_sync"),
+                      ("anthropic.messages", "workflow chat")):
+        assert _parent(_one(spans, user)) == _ids(_one(spans, run))[1]
+        assert _ids(_one(spans, user))[0] == _ids(_one(spans, run))[0]
+
+
+def test_no_tracing_means_no_stamp_and_no_spans(tmp_path: Path) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    app = App(f"sqlite:///{tmp_path / 'off.db'}", tracing=False)
+
+    @app.workflow(name="quiet")
+    def quiet() -> int:
+        return 1
+
+    assert app.start(quiet, workflow_id="Q").result(timeout=10) == 1
+    assert stamped(app.get_workflow("Q").inputs) is None
+    assert app.start(quiet, workflow_id="Q").result(timeout=10) == 1
+    app.close()
+    assert _spans(exporter) == []
+
+
+def test_the_stamp_does_not_change_the_arguments(
+        traced: tuple[App, InMemorySpanExporter]) -> None:
+    app, _ = traced
+
+    @app.workflow(name="args")
+    def args(a: int, *rest: str, trace: str = "mine", **kw: Any) -> list[Any]:
+        return [a, list(rest), trace, kw]
+
+    handle = app.start(args, 1, "x", trace="user value", extra={"trace": "also"},
+                       workflow_id="A-1")
+    assert handle.result(timeout=10) == [1, ["x"], "user value", {"extra": {"trace": "also"}}]
+    inputs = app.get_workflow("A-1").inputs
+    sc = parse_traceparent(stamped(inputs))
+    assert sc is not None and sc.is_valid  # ours, beside the user's own "trace" keyword
+    assert stamped(b'{"args":[],"kwargs":{"trace":"00-x"}}') is None
+
+
+# -- the trace across kill -9 ------------------------------------------------------------------
+@pytest.mark.slow
+def test_the_trace_continues_after_kill_9_in_another_process(tmp_path: Path) -> None:
+    db, lines, gate = tmp_path / "kill.db", tmp_path / "spans.jsonl", tmp_path / "gate"
+    proc = subprocess.Popen([sys.executable, str(HERE / "trace_worker.py"), str(db),
+                             str(lines), str(gate)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=HERE)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "blocked", proc.stderr and proc.stderr.read()
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    assert proc.returncode == -signal.SIGKILL
+    before = [json.loads(line) for line in lines.read_text().splitlines()]
+    start = next(s for s in before if s["name"] == "start trace_wf")
+    assert not any(s["name"] == "workflow trace_wf" for s in before)  # died with it
+    assert [s["name"] for s in before if s["name"].startswith("step")] == ["step first"]
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    app = App(f"sqlite:///{db}", tracing=provider)
+    define(app, gate)
+    gate.touch()
+    resumed = app.recover()
+    assert [h.workflow_id for h in resumed] == [WORKFLOW_ID]
+    assert resumed[0].result(timeout=30) == 50
+    app.close()
+    spans = _spans(exporter)
+    run = _one(spans, "workflow trace_wf")
+    trace_id, run_id = _ids(run)
+    assert f"{trace_id:032x}" == start["trace_id"], "the resumed run continues the trace"
+    assert f"{_parent(run):016x}" == start["span_id"], "under the same start span"
+    assert run.attributes is not None
+    assert run.attributes["crashsafe.run.resumed"] is True
+    assert run.attributes["crashsafe.run.token"] >= 1
+    assert run.attributes["crashsafe.run.replayed"] == 1  # step "first" was not run again
+    second = _one(spans, "step second")
+    assert _ids(second)[0] == trace_id and _parent(second) == run_id
+    assert not [s for s in spans if s.name == "step first"]
+
+
+# -- logs ---------------------------------------------------------------------------------------
+@pytest.fixture
+def json_lines() -> Iterator[io.StringIO]:
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("crashsafe")
+    old = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    yield stream
+    logger.removeHandler(handler)
+    logger.setLevel(old)
+
+
+def test_json_logs_carry_ids_and_never_a_secret(tmp_path: Path,
+                                                json_lines: io.StringIO) -> None:
+    canary = "sk-ant-api03-CANARYsecret0123456789"
+    password = "hunter2-CANARY"
+    app = App(f"sqlite:///{tmp_path / 'logs.db'}", tracing=False)
+    calls = {"n": 0}
+
+    @app.step(retry=FAST, name="call_llm")
+    def call_llm(prompt: str) -> str:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise ConnectionError(f"upstream reset; Authorization: Bearer {canary}")
+        return prompt
+
+    @app.step(name="login")
+    def login(user: str) -> str:
+        raise PermissionError(f"login failed for {user} with password={password}")
+
+    @app.workflow(name="support")
+    def support(prompt: str) -> str:
+        logging.getLogger("crashsafe.user").info(
+            "calling out", extra={"api_key": canary, "workflow_id": "S-1"})
+        call_llm(prompt)
+        return login(f"postgresql://bob:{password}@db/agents")
+
+    with pytest.raises(PermissionError):
+        app.start(support, "hello", workflow_id="S-1").result(timeout=10)
+    app.close()
+    raw = json_lines.getvalue()
+    assert canary not in raw and "CANARYsecret" not in raw
+    assert password not in raw and "hunter2" not in raw
+    lines = [json.loads(line) for line in raw.splitlines()]
+    ours = [d for d in lines if d.get("workflow_id") == "S-1"]
+    assert all(d["logger"].startswith("crashsafe") for d in ours)
+    messages = [d["message"] for d in ours]
+    assert "workflow S-1 started" in messages
+    retry = next(d for d in ours if "attempt 1 failed" in d["message"])
+    assert (retry["step"], retry["step_index"], retry["attempt"]) == ("call_llm", 0, 1)
+    assert retry["failure_class"] == "server_error"
+    assert retry["level"] == "INFO"
+    assert "trace_id" not in retry  # this app does not trace
+    done = next(d for d in ours if d["message"].startswith("step 'call_llm' (index 0) finished"))
+    assert done["attempt"] == 2 and done["level"] == "DEBUG"
+    failed = next(d for d in ours if d["message"].startswith("step 'login'"))
+    assert failed["level"] == "WARNING" and failed["step_index"] == 1
+    assert "login failed" in failed["message"]
+    end = next(d for d in ours if d.get("outcome") == "error")
+    assert end["level"] == "WARNING" and end["message"].startswith("workflow S-1 failed")
+    user = next(d for d in lines if d["message"] == "calling out")
+    assert user["api_key"] == "***"
+    assert all(d["time"].endswith("Z") for d in lines)
+
+
+def test_log_lines_carry_the_trace_id_when_tracing(
+        traced: tuple[App, InMemorySpanExporter], json_lines: io.StringIO) -> None:
+    app, exporter = traced
+
+    @app.workflow(name="logged")
+    def logged() -> int:
+        return 3
+
+    app.start(logged, workflow_id="L-1").result(timeout=10)
+    app.close()
+    run = _one(_spans(exporter), "workflow logged")
+    lines = [json.loads(x) for x in json_lines.getvalue().splitlines()]
+    started = next(d for d in lines if d["message"] == "workflow L-1 started")
+    assert started["trace_id"] == f"{_ids(run)[0]:032x}"
+    assert started["span_id"] == f"{_ids(run)[1]:016x}"
+
+
+# -- Prometheus ----------------------------------------------------------------------------
+def _samples(body: bytes) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    out = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for s in family.samples:
+            out[(s.name, frozenset(s.labels.items()))] = s.value
+    return out
+
+
+def _get(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str,
+         **labels: str) -> float | None:
+    return samples.get((name, frozenset(labels.items())))
+
+
+def _failure(cls: str) -> bytes:
+    exc = ValueError(f"a {cls} failure")
+    pin_class(exc, cls)
+    return error_payload(exc)
+
+
+def _craft(app: App) -> None:
+    """Three workflows of two names, recorded within the last few minutes."""
+    t = app.store.clock() - 300
+    null = b"null"
+
+    def wf(wid: str, name: str, status: Status, start: float, end: float) -> Op:
+        return CreateWorkflow(WorkflowRecord(wid, name, "1", status, null, t + start,
+                                             t + end, output=null))
+
+    batches: list[list[Op]] = [
+        # s-1: "support", succeeded; "llm" took 3 attempts (retry delays 4 and 2 s).
+        [wf("s-1", "support", Status.SUCCEEDED, 0, 60),
+         JournalEntry("s-1", 0, "step", "fetch", null, None, 1, t + 1, t + 2),
+         JournalEntry("s-1", 1, "step", "llm", null, None, 3, t + 10, t + 20),
+         AttemptRecord("s-1", 1, 1, "llm", t + 10, t + 11, "rate_limited", None, 4.0,
+                       "backoff", t + 15),
+         AttemptRecord("s-1", 1, 2, "llm", t + 15, t + 16, "server_error", None, 2.0,
+                       "backoff", t + 18),
+         AttemptRecord("s-1", 1, 3, "llm", t + 18, t + 20)],
+        # s-2: "support", failed at its first attempt with a bad request.
+        [wf("s-2", "support", Status.FAILED, 100, 110),
+         JournalEntry("s-2", 0, "step", "llm", None, _failure("bad_request"), 1, t + 101,
+                      t + 102)],
+        # c-1: "coder", succeeded; one step and a 100-byte checkpoint.
+        [wf("c-1", "coder", Status.SUCCEEDED, 200, 230),
+         JournalEntry("c-1", 0, "step", "build", null, None, 1, t + 201, t + 205),
+         JournalEntry("c-1", 1, "checkpoint", "checkpoint", b'"' + b"a" * 98 + b'"', None, 1,
+                      t + 206, t + 206)],
+    ]
+    assert app.store.apply(batches) == [None] * len(batches)
+
+
+def test_exposition_of_a_crafted_journal(tmp_path: Path) -> None:
+    app = App(f"sqlite:///{tmp_path / 'prom.db'}", tracing=False)
+    _craft(app)
+    body, ctype = prometheus.exposition(app.store, window=3600)
+    app.close()
+    assert ctype.startswith("text/plain") and "version=0.0.4" in ctype
+    m = _samples(body)
+    assert _get(m, "crashsafe_window_seconds") == 3600
+    assert _get(m, "crashsafe_workflows", workflow="", status="succeeded") == 2
+    assert _get(m, "crashsafe_workflows", workflow="", status="failed") == 1
+    assert _get(m, "crashsafe_workflows", workflow="support", status="failed") == 1
+    assert _get(m, "crashsafe_workflows", workflow="coder", status="succeeded") == 1
+    # Step calls fetch, llm, llm | build: one of four retried.
+    assert _get(m, "crashsafe_step_calls", workflow="") == 4
+    assert _get(m, "crashsafe_retry_rate", workflow="") == pytest.approx(0.25)
+    assert _get(m, "crashsafe_retry_rate", workflow="support") == pytest.approx(1 / 3)
+    assert _get(m, "crashsafe_retry_rate", workflow="coder") == 0
+    assert _get(m, "crashsafe_success_after_retry_rate", workflow="") == 1
+    assert _get(m, "crashsafe_average_retry_delay_seconds", workflow="") == pytest.approx(3)
+    for cls in ("rate_limited", "server_error", "bad_request"):
+        assert _get(m, "crashsafe_failed_attempts_by_class", workflow="",
+                    failure_class=cls) == 1
+    # Step latencies 1, 10, 1 | 4: p50 is the 2nd of 1, 1, 4, 10; the max 10.
+    assert _get(m, "crashsafe_step_latency_seconds", workflow="", quantile="0.5") == 1
+    assert _get(m, "crashsafe_step_latency_seconds", workflow="", quantile="1") == 10
+    assert _get(m, "crashsafe_checkpoint_bytes_per_task", workflow="") == 100
+    assert _get(m, "crashsafe_checkpoint_bytes_per_task", workflow="support") is None
+    assert _get(m, "crashsafe_state_consistency", workflow="") == 1
+    assert _get(m, "crashsafe_recovery_success_rate", workflow="") is None  # no data: absent
+    # Alerts: the retry rate (25 % > 10 %) fires, and only it.
+    assert _get(m, "crashsafe_check", check="retry_rate", status="alert") == 1
+    assert _get(m, "crashsafe_check_value", check="retry_rate") == pytest.approx(0.25)
+    assert _get(m, "crashsafe_check_threshold", check="retry_rate") == pytest.approx(0.1)
+    assert _get(m, "crashsafe_check", check="success_after_retry", status="ok") == 1
+    assert _get(m, "crashsafe_check", check="recovery_time_max_approx",
+                status="no_data") == 1
+    assert _get(m, "crashsafe_alerts") == 1
+    # Nothing happened in the last minute.
+    reader = App(f"sqlite:///{tmp_path / 'prom.db'}")
+    later = _samples(prometheus.exposition(reader.store, window=60)[0])
+    reader.close()
+    assert _get(later, "crashsafe_step_calls", workflow="") == 0
+    assert _get(later, "crashsafe_alerts") == 0
+
+
+@pytest.fixture
+def counting() -> Iterator[prometheus.Counters]:
+    yield prometheus.instrument()
+    prometheus.uninstrument()
+
+
+def test_in_process_counters_follow_the_hooks(tmp_path: Path,
+                                              counting: prometheus.Counters) -> None:
+    assert prometheus.instrument() is counting
+    app = App(f"sqlite:///{tmp_path / 'count.db'}", tracing=False)
+    calls = {"n": 0}
+
+    @app.step(retry=FAST, name="flaky_c")
+    def flaky_c(x: int) -> int:
+        calls["n"] += 1
+        if calls["n"] % 2:
+            raise TimeoutError("slow")
+        return x
+
+    @app.workflow(name="counted_wf")
+    def counted_wf(x: int) -> int:
+        crashsafe.checkpoint({"x": x})
+        return flaky_c(x)
+
+    for i in range(3):
+        assert app.start(counted_wf, i).result(timeout=10) == i
+    body, _ = prometheus.exposition(app.store)
+    app.close()
+    m = _samples(body)
+    wf = "counted_wf"
+    prometheus.uninstrument()
+    reader = App(f"sqlite:///{tmp_path / 'count.db'}")
+    assert b"crashsafe_steps_total" not in prometheus.exposition(reader.store)[0]
+    reader.close()
+    assert _get(m, "crashsafe_workflow_runs_total", workflow=wf, resumed="false") == 3
+    assert _get(m, "crashsafe_workflow_runs_ended_total", workflow=wf, outcome="ok") == 3
+    assert _get(m, "crashsafe_steps_total", workflow=wf, step="flaky_c", outcome="ok") == 3
+    assert _get(m, "crashsafe_step_attempts_total", workflow=wf, step="flaky_c") == 6
+    assert _get(m, "crashsafe_attempt_failures_total", workflow=wf, step="flaky_c",
+                failure_class="timeout") == 3
+    assert _get(m, "crashsafe_checkpoints_total", workflow=wf) == 3
+    assert _get(m, "crashsafe_checkpoint_write_seconds_count", workflow=wf) == 3
+    assert _get(m, "crashsafe_step_duration_seconds_count", workflow=wf, step="flaky_c") == 3
+
+
+def test_worker_serves_metrics_on_its_port(tmp_path: Path) -> None:
+    module = tmp_path / "served_app.py"
+    module.write_text(
+        "import crashsafe\n"
+        "app = crashsafe.App()\n"
+        "@app.workflow(name='served')\n"
+        "def served(x: int) -> int:\n"
+        "    return x\n")
+    url = f"sqlite:///{tmp_path / 'served.db'}"
+    app = App(url, tracing=False)
+
+    @app.workflow(name="served")
+    def served(x: int) -> int:
+        return x
+
+    for i in range(2):
+        app.start(served, i).result(timeout=10)
+    app.close()
+    proc = subprocess.Popen([sys.executable, "-m", "crashsafe", "worker", str(module),
+                             "--db", url, "--metrics-port", "0", "--log-format", "json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=tmp_path)
+    try:
+        assert proc.stdout is not None
+        address = None
+        deadline = time.monotonic() + 30
+        while address is None and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            if line.startswith("metrics at "):
+                address = line.split()[-1]
+        assert address is not None and address.startswith("http://127.0.0.1:"), \
+            proc.stderr and proc.stderr.read()
+        with urllib.request.urlopen(address, timeout=30) as resp:
+            assert resp.status == 200
+            assert "version=0.0.4" in resp.headers["Content-Type"]
+            m = _samples(resp.read())
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    assert _get(m, "crashsafe_workflows", workflow="served", status="succeeded") == 2
+    assert _get(m, "crashsafe_recovery_claims_total") == 0
+    assert _get(m, "crashsafe_alerts") is not None
+
+
+def test_a_bad_log_format_is_refused(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "crashsafe", "worker", "nowhere.py",
+                           "--log-format", "xml"], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=60)
+    assert proc.returncode == 2
+    assert "json" in proc.stderr + proc.stdout
+
+
+# -- the extras --------------------------------------------------------------------------------
+def test_tracing_and_metrics_without_their_extra_name_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("opentelemetry", "opentelemetry.trace"):
+        monkeypatch.setitem(sys.modules, name, None)  # as if not installed
+    with pytest.raises(crashsafe.ConfigurationError, match=r"crashsafe\[otel\]"):
+        App(f"sqlite:///{tmp_path / 'x.db'}", tracing=True)
+    app = App(f"sqlite:///{tmp_path / 'x.db'}")  # the default: no tracing, no error
+
+    @app.workflow(name="plain_wf")
+    def plain_wf() -> int:
+        return 1
+
+    assert app.start(plain_wf).result(timeout=10) == 1
+    monkeypatch.setitem(sys.modules, "prometheus_client", None)
+    with pytest.raises(crashsafe.ConfigurationError, match=r"crashsafe\[prometheus\]"):
+        prometheus.exposition(app.store)
+    app.close()
+
+
+def test_the_default_traces_only_under_a_global_provider(tmp_path: Path) -> None:
+    from crashsafe.observe import otel
+
+    assert otel.auto_provider() is None  # this test process never sets one
+    app = App(f"sqlite:///{tmp_path / 'auto.db'}")
+    assert app.tracing is None and app._tracer() is None
+    app.close()
+
+
+# -- the fast path of redact_text (log lines go through it) --------------------------------------
+@pytest.mark.parametrize("text", [
+    "Authorization: Bearer abcdefghijkl", "proxy-authorization=Basic xyz",
+    "bearer abcdefghijklmnop", "postgres://u:pw@h/db", "sk-ant-api03-abcdefghijklmnop",
+    "ghp_abcdefghijklmnopqrstuvwxyz", "github_pat_abcdefghijklmnopqrstuv",
+    "AKIAABCDEFGHIJKLMNOP", "ASIAABCDEFGHIJKLMNOP", "AIzaSyA-abcdefghijklmnopqrstuvwxyz123456",
+    "xoxb-1234567890-abc", "eyJhbGciOi.eyJzdWIiOi.signature", "password=hunter2",
+    "PASSWD: x", "pwd=1", "passphrase: 'a b'", "client_secret=abc", "API-KEY: abc",
+    "apikey=abc", "x_api_key=abc", "token=abc", "access_key=abc", "AccessKey: abc",
+    "private_key=abc", "private-key: abc", "cookie=abc", "Set-Cookie: a=b",
+    "workflow w-1 succeeded", "step 'llm' (index 2) attempt 1 failed (rate_limited)",
+])
+def test_redact_text_skips_only_text_no_rule_would_change(text: str) -> None:
+    from crashsafe._secrets import _TEXT_RULES, redact_text
+
+    every_rule = text
+    for pattern, replacement in _TEXT_RULES:
+        every_rule = pattern.sub(replacement, every_rule)
+    assert redact_text(text) == every_rule
+
+
+# -- observability never stops a workflow ---------------------------------------------------------
+def test_a_broken_listener_or_tracer_does_not_stop_workflows(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    class Broken(_instrument.Sink):
+        def committed(self, run: Any, ops: Any, t0: int, t1: int) -> None:
+            raise RuntimeError("listener bug")
+
+        def run_ended(self, run: Any, outcome: str, error: Any, at: int) -> None:
+            raise RuntimeError("listener bug")
+
+    class BadTracer:
+        def start_span(self, *args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError("tracer bug")
+
+    class BadProvider:
+        def get_tracer(self, *args: Any, **kwargs: Any) -> BadTracer:
+            return BadTracer()
+
+    broken = Broken()
+    _instrument.add_sink(broken)
+    try:
+        for tracing in (False, BadProvider()):
+            app = App(f"sqlite:///{tmp_path / 'broken.db'}", tracing=tracing)
+
+            @app.step(name="fine")
+            def fine(x: int) -> int:
+                return x + 1
+
+            @app.workflow(name="robust")
+            def robust(x: int) -> int:
+                crashsafe.checkpoint({"x": x})
+                return fine(x)
+
+            wid = f"R-{bool(tracing)}"
+            assert app.start(robust, 1, workflow_id=wid).result(timeout=10) == 2
+            assert app.get_workflow(wid).status is Status.SUCCEEDED
+            app.close()
+    finally:
+        _instrument.remove_sink(broken)
+    said = {r.getMessage().split(" (")[0] for r in caplog.records if r.name == "crashsafe"}
+    assert {"crashsafe could not report a commit", "crashsafe could not report the end of "
+            "a run", "crashsafe could not report the start of a workflow"} <= said
+
+
+def test_a_wait_for_a_signal_is_a_span_from_its_start_to_the_signal(
+        traced: tuple[App, InMemorySpanExporter]) -> None:
+    app, exporter = traced
+
+    @app.workflow(name="approval_wf")
+    def approval_wf() -> Any:
+        return crashsafe.wait_for("approval", timeout=30)
+
+    handle = app.start(approval_wf, workflow_id="AP-1")
+    deadline = time.monotonic() + 10
+    while app.get_workflow("AP-1").status is not Status.WAITING:
+        assert time.monotonic() < deadline, "the workflow never waited"
+        time.sleep(0.01)
+    time.sleep(0.05)
+    app.signal("AP-1", "approval", {"approved": True})
+    assert handle.result(timeout=10) == {"approved": True}
+    app.close()
+    spans = _spans(exporter)
+    wait, run = _one(spans, "wait approval"), _one(spans, "workflow approval_wf")
+    assert _parent(wait) == _ids(run)[1]
+    assert wait.attributes is not None
+    assert wait.attributes["crashsafe.outcome"] == "signal"
+    assert wait.attributes["crashsafe.signal"] == "approval"
+    assert wait.start_time is not None and wait.end_time is not None
+    assert wait.end_time - wait.start_time >= 40_000_000  # it waited for the signal
