@@ -18,7 +18,7 @@ import pytest
 from typer.testing import CliRunner
 
 import crashsafe
-from crashsafe import App, RetryPolicy
+from crashsafe import App, RetryPolicy, _recovery_log
 from crashsafe._codec import encode
 from crashsafe._errors import error_payload, pin_class
 from crashsafe.cli.main import cli
@@ -599,3 +599,93 @@ def test_stats_on_a_missing_database_says_so(tmp_path: Path) -> None:
     res = runner.invoke(cli, ["--db", f"sqlite:///{tmp_path / 'nope.db'}", "stats"])
     assert res.exit_code == 2 and "no database" in res.output
 
+
+
+def test_recovery_time_comes_from_the_recovery_log(make_app: AppFactory) -> None:
+    app = make_app()
+    store = app.store
+    # Dead owner last seen at +100; claimed at +130; first resumed step starts at +131.5:
+    # 31.5 s. A second takeover (seen +200, claimed +240) followed by the workflow's end
+    # at +245 without another entry: 45 s. A takeover never followed by progress and a
+    # dead-letter event are not timed.
+    store.apply([[_wf("w-log", Status.SUCCEEDED, T, T + 245, token=2)]])
+    store.apply([[_step("w-log", 0, "a", 10, 11), _step("w-log", 1, "b", 131.5, 132)]])
+    for event in ({"at": T + 130, "from": "ex-1", "seen": T + 100, "by": "ex-2",
+                   "outcome": "claimed"},
+                  {"at": T + 240, "from": "ex-2", "seen": T + 200, "by": "ex-3",
+                   "outcome": "claimed"}):
+        _recovery_log.append(store, "w-log", event)
+    store.apply([[_wf("w-wait", Status.RUNNING, T, T + 500, token=1)]])
+    store.apply([[_step("w-wait", 0, "a", 10, 11)]])
+    _recovery_log.append(store, "w-wait", {"at": T + 300, "from": "ex-1", "seen": T + 290,
+                                           "by": "ex-2", "outcome": "claimed"})
+    _recovery_log.append(store, "w-wait", {"at": T + 310, "from": "ex-2", "seen": None,
+                                           "by": "ex-3", "outcome": "dead_letter"})
+    m = _window(app)
+    assert m.recovery_time == Percentiles(2, 31.5, 45.0, 45.0, 45.0)
+    assert (m.recovered_workflows, m.recoveries) == (2, 4)
+    assert m.recovery_success_rate == 1.0  # of the ended ones (w-wait still runs)
+
+
+def test_a_real_takeover_is_logged_with_the_dead_owners_last_heartbeat(
+        make_app: AppFactory) -> None:
+    first = make_app()
+
+    def build(app: App, crash: Any) -> Any:
+        @app.step(name="work")
+        def work() -> str:
+            crash()
+            return "done"
+
+        @app.workflow(name="logged")
+        def logged() -> str:
+            return work()
+
+        return logged
+
+    first.start(build(first, lambda: simulate_crash(first, wait=0)), workflow_id="r-1")
+    wait_idle(first, timeout=5)
+    seen = first.store.get_executors([first.executor_id])[first.executor_id].heartbeat_at
+    second = make_app()
+    build(second, lambda: None)
+    [handle] = second.recover()
+    assert handle.result(timeout=10) == "done"
+    (event,) = second.recoveries("r-1")
+    assert event["from"] == first.executor_id and event["by"] == second.executor_id
+    assert event["seen"] == seen and event["outcome"] == "claimed"
+    assert event["at"] >= seen
+    m = compute(second.store, name="logged")
+    assert m.recovery_time.count == 1 and m.recovery_time.max is not None
+    assert 0 <= m.recovery_time.max < 10
+
+
+def test_token_usage_and_checkpoint_overhead_from_recorded_checkpoints(
+        make_app: AppFactory) -> None:
+    app = make_app()
+
+    @app.step(name="think")
+    def think(i: int) -> str:
+        time.sleep(0.002)
+        return f"thought {i}"
+
+    @app.workflow(name="agentic", checkpoint=crashsafe.CheckpointPolicy(
+        every_steps=1, recovery_target=60.0))
+    def agentic(turns: int) -> int:
+        state: dict[str, Any] = {"messages": []}
+        crashsafe.track(state)
+        for i in range(turns):
+            state["messages"].append(think(i))
+            crashsafe.record_usage(100 + i, model="model-x")
+        return len(state["messages"])
+
+    assert app.start(agentic, 4, workflow_id="t-1").result(timeout=10) == 4
+    assert app.start(agentic, 2, workflow_id="t-2").result(timeout=10) == 2
+    m = compute(app.store, name="agentic")
+    recorded = [c.tokens for c in app.checkpoints("t-1")] + \
+               [c.tokens for c in app.checkpoints("t-2")]
+    totals = [max(t for t in (c.tokens for c in app.checkpoints(w)) if t is not None)
+              for w in ("t-1", "t-2")]
+    assert any(t is not None for t in recorded)
+    assert m.token_usage == sum(totals) and m.tokens_per_workflow == sum(totals) / 2
+    assert m.checkpoint_latency_overhead is not None and m.checkpoint_latency_overhead > 0
+    assert set(m.unavailable) == {"cost"}

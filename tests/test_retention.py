@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 import crashsafe
-from crashsafe import App, Retention, Status
+from crashsafe import App, Retention, Status, _recovery_log
 from crashsafe._checkpoint import state_hash
 from crashsafe._retention import compact
 from helpers import AppFactory, wait_until
@@ -216,9 +216,14 @@ def test_finished_older_than_drops_whole_families_and_keeps_effect_keys(
     store = app.store
     age = store.clock() - app.get_workflow("old").updated_at - 0.5
     usage = store.usage()  # type: ignore[attr-defined]
+    event = {"at": 1.0, "from": "gone", "seen": 0.5, "by": "me", "outcome": "claimed"}
+    for wid in ("old", "young"):
+        _recovery_log.append(store, wid, event)
 
     report = app.gc(finished_older_than=age)
     assert report.workflows_dropped == 2  # "old" and its child
+    # Its recovery log goes with it; the kept workflow's stays.
+    assert app.recoveries("old") == [] and app.recoveries("young") == [event]
     assert app.list_workflows(name="parent")[0].id == "young"
     with pytest.raises(crashsafe.UnknownWorkflowError):
         app.get_workflow(old_child[0])

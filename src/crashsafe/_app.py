@@ -13,7 +13,7 @@ from datetime import timedelta
 from typing import Any, Concatenate, ParamSpec, TypeVar, overload
 
 from . import _checkpoint as _ckpt
-from . import _codec, _corruption, _instrument
+from . import _codec, _corruption, _instrument, _recovery_log
 from ._checkpoint import CheckpointInfo
 from ._checkpoint_policy import CheckpointPolicy
 from ._commit import GroupCommitter
@@ -39,6 +39,7 @@ from .exceptions import (
     CrashsafeError,
     InvalidStateError,
     StoreConflictError,
+    StoreError,
     UnknownWorkflowError,
 )
 from .policies.breaker import BreakerInfo, CircuitBreaker, Scope
@@ -959,7 +960,10 @@ class App:
             _instrument.recovered(self, [(w, r.record.token) for (w, _), r in zip(
                 chunk, results, strict=True) if r.claimed and r.record is not None],
                 [w for (w, _), r in zip(chunk, results, strict=True) if r.dead_lettered])
-            for (wid, _), res in zip(chunk, results, strict=True):
+            for (wid, owner), res in zip(chunk, results, strict=True):
+                if res.claimed or res.dead_lettered:
+                    self._log_recovery(wid, owner, executors.get(owner) if owner else None,
+                                       res.dead_lettered)
                 if res.dead_lettered:
                     log.error("workflow %s dead-lettered: %s", wid,
                               redact_text(str(res.record and res.record.reason)),
@@ -979,6 +983,25 @@ class App:
                 elif res.claimed and _corruption.on_unreadable_record(self, wid):
                     handles.append(WorkflowHandle(self, wid))  # its own row is damaged
         return handles
+
+    def _log_recovery(self, workflow_id: str, owner: str | None,
+                      was: ExecutorRecord | None, dead: bool) -> None:
+        """Append the takeover to the workflow's recovery log (see _recovery_log)."""
+        event = {"at": self.clock(), "from": owner,
+                 "seen": was.heartbeat_at if was is not None else None,
+                 "by": self.executor_id, "outcome": "dead_letter" if dead else "claimed"}
+        try:
+            _recovery_log.append(self.store, workflow_id, event)
+        except StoreError as exc:  # the recovery goes on; the metrics lose precision
+            log.warning("could not log the recovery of %s: %s", workflow_id, exc,
+                        extra={"workflow_id": workflow_id})
+
+    def recoveries(self, workflow_id: str) -> list[dict[str, Any]]:
+        """The workflow's takeovers, oldest first: each a dict with ``at`` (when it was
+        claimed, store clock), ``from`` (the dead owner), ``seen`` (that owner's last
+        heartbeat), ``by`` (the claimer) and ``outcome`` (``claimed`` or
+        ``dead_letter``). ``crashsafe stats`` computes recovery times from them."""
+        return _recovery_log.events(self.store, workflow_id)
 
     def _resume(self, rec: WorkflowRecord) -> bool:
         wf = self._lookup(rec.name, rec.version)

@@ -274,6 +274,12 @@ def drop_finished(store: Store, roots: Sequence[str], before: float, batch: int,
         if tick is not None:
             tick(len(chunk))
     report.partials_dropped += _drop_partials(store, gone, dry_run)
+    if not dry_run and gone:
+        # The dropped workflows' recovery and corruption logs go with them.
+        for prefix in ("recovery:", "corruption:"):
+            for key, _, _ in store.list_shared(prefix):
+                if key[len(prefix):] in gone:
+                    store.update_shared(key, lambda cur, now: (None, None))
 
 
 def compact_finished(store: Store, ids: Sequence[str], keep: int, batch: int, dry_run: bool,

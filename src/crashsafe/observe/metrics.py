@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .. import _codec
+from .. import _codec, _recovery_log
 from .._checkpoint import KIND as CHECKPOINT
 from .._effects import NOTE_PREFIX
 from .._errors import recorded_class
@@ -41,18 +41,21 @@ DEDUPLICATED = "deduplicated: key "
 RERUN_RESOLUTIONS = frozenset({"retried with the same key", "escalated, a person chose retry"})
 """Resolutions of an unknown outcome that ran the effect's body again with the same key."""
 UNAVAILABLE = {
-    "checkpoint_latency_overhead": "a checkpoint's journal entry records when it was "
-                                   "taken, not how long taking it took",
-    "token_usage": "token usage is not recorded yet (the LLM client wrappers will record it)",
-    "cost": "cost is not recorded yet (the LLM client wrappers will record it)",
+    "checkpoint_latency_overhead": "no checkpoint of the window recorded its cost (adaptive "
+                                   "automatic checkpoints do: CheckpointPolicy("
+                                   "recovery_target=...))",
+    "token_usage": "no checkpoint of the window recorded token usage (checkpoint(..., "
+                   "tokens=) or crashsafe.record_usage)",
+    "cost": "cost needs a per-model price table, which crashsafe does not keep",
 }
 APPROXIMATE = {
     "recoveries": "exact for workflows started directly, except that resuming one by hand "
                   "counts as a takeover; a lower bound for queued workflows, whose token "
                   "also counts dequeues",
-    "recovery_time": "an upper bound: the longest pause in each recovered workflow's "
-                     "records, which contains its crash, detection and resumption; exact "
-                     "figures need a per-recovery event log",
+    "recovery_time": "per takeover in the recovery log, from the dead owner's last "
+                     "heartbeat (the crash came after it) to the first resumed step: an "
+                     "upper bound by at most one heartbeat interval; for workflows "
+                     "recovered before the log existed, the longest pause in their records",
     "recovery_success_rate": "a workflow dead-lettered once and then resumed by hand counts "
                              "by its current status; exact figures need a per-recovery "
                              "event log",
@@ -246,7 +249,12 @@ class Metrics:
     dead_lettered: int
     """Workflows of the window that are dead letters."""
     recovery_time: Percentiles
-    """Per recovered workflow, its longest pause without durable progress: between one
+    """Per takeover recorded in the recovery log (``app.recoveries(id)``): from the dead
+    owner's last heartbeat (or its last journal entry, when it left none) to the start
+    of the first journal entry after the claim (or the workflow's end, if it ended
+    without another entry); takeovers not yet followed by progress are not counted.
+    For a recovered workflow with no log (recovered before it existed), its longest
+    pause without durable progress: between one
     journal entry's ``ended_at`` and the next one's ``started_at`` (from ``created_at``
     to the first entry for workflows not started from a queue; from a sleep's wake-up
     time; never across a wait for a signal or a child workflow), the span of an attempt
@@ -279,7 +287,14 @@ class Metrics:
     encryption, so at least what is written; rolled-back checkpoints not counted)."""
 
     checkpoint_latency_overhead: float | None = None
-    """Not available yet (see ``unavailable``)."""
+    """Over the window's workflows whose checkpoints recorded their cost (adaptive
+    automatic checkpoints): the time spent taking those checkpoints divided by the
+    time their steps took. None when none did (see ``unavailable``)."""
+    token_usage: int | None = None
+    """Tokens used by the window's workflows, from their checkpoints' recorded usage
+    (the latest checkpoint's running total per workflow). None when none recorded it."""
+    tokens_per_workflow: float | None = None
+    """``token_usage`` over the workflows that recorded it."""
     unavailable: dict[str, str] = field(default_factory=lambda: dict(UNAVAILABLE))
     """Why each None-by-design figure is missing."""
     approximate: dict[str, str] = field(default_factory=lambda: dict(APPROXIMATE))
@@ -326,7 +341,9 @@ def compute(store: Store, since: float | None = None, until: float | None = None
         except CorruptRecordError:
             tally.unreadable.append(rec.id)
         else:
-            tally.add(rec, journal, attempts, sorted({at for at, _, _ in rewound}))
+            # Only a workflow whose token moved was ever taken over.
+            events = _recovery_log.events(store, rec.id) if rec.token else []
+            tally.add(rec, journal, attempts, sorted({at for at, _, _ in rewound}), events)
         if progress is not None:
             progress(n, len(rows))
     breakers = tuple(_breaker(key, raw, since, end, tally.hi)
@@ -356,6 +373,8 @@ class _Tally:
         self.pauses: list[float] = []
         self.rollbacks = 0
         self.checkpoint_bytes: list[int] = []
+        self.tokens: list[int] = []
+        self.checkpoint_cost = self.checkpoint_step_time = 0.0
         self.unreadable: list[str] = []
 
     def inside(self, t: float) -> bool:
@@ -367,7 +386,8 @@ class _Tally:
         return not (rec.status.terminal and rec.updated_at < self.lo)
 
     def add(self, rec: WorkflowRecord, journal: list[JournalEntry],
-            attempts: list[AttemptRecord], rollbacks: list[float]) -> None:
+            attempts: list[AttemptRecord], rollbacks: list[float],
+            events: list[dict[str, Any]] | None = None) -> None:
         self.oldest = rec.created_at if self.oldest is None else min(self.oldest,
                                                                      rec.created_at)
         self.by_status[rec.status.value] += 1
@@ -393,8 +413,35 @@ class _Tally:
         stored = [len(e.output or b"") for e in journal if e.kind == CHECKPOINT]
         if stored:
             self.checkpoint_bytes.append(sum(stored))
+            self._checkpoint_meta(journal)
         self.rollbacks += sum(self.inside(at) for at in rollbacks)
-        self._recovery(rec, journal, attempts, len(rollbacks))
+        self._recovery(rec, journal, attempts, len(rollbacks), events)
+
+    def _checkpoint_meta(self, journal: list[JournalEntry]) -> None:
+        """Token usage and checkpoint cost, where the checkpoints recorded them."""
+        tokens: int | None = None
+        cost = 0.0
+        for e in journal:
+            if e.kind != CHECKPOINT:
+                continue
+            try:
+                meta = _codec.decode(e.output or b"{}", "checkpoint")
+            except CrashsafeError:
+                continue
+            if not isinstance(meta, dict):
+                continue
+            tok, us = meta.get("tok"), meta.get("us")
+            if isinstance(tok, int) and not isinstance(tok, bool):
+                tokens = tok  # a running total: the latest one counts
+            if isinstance(us, int) and not isinstance(us, bool) and self.inside(e.started_at):
+                cost += us / 1e6
+        if tokens is not None:
+            self.tokens.append(tokens)
+        if cost:
+            self.checkpoint_cost += cost
+            self.checkpoint_step_time += sum(
+                e.ended_at - e.started_at for e in journal
+                if e.kind == "step" and self.inside(e.ended_at))
 
     def _step(self, e: JournalEntry, rows: list[AttemptRecord]) -> None:
         self.step_calls += 1
@@ -429,7 +476,17 @@ class _Tally:
                 max(0.0, self.until - seen[0].started_at), failed[-1] if failed else None))
 
     def _recovery(self, rec: WorkflowRecord, journal: list[JournalEntry],
-                  attempts: list[AttemptRecord], rollbacks: int) -> None:
+                  attempts: list[AttemptRecord], rollbacks: int,
+                  events: list[dict[str, Any]] | None) -> None:
+        timed = _recovery_times(rec, journal, events or [])
+        if timed is not None:
+            self.recovered += 1
+            self.recoveries += len(events or [])
+            if rec.status.terminal:
+                self.recovered_ended += 1
+                self.recovered_dead += rec.status is Status.DEAD_LETTER
+            self.pauses += [t for at, t in timed if self.inside(at)]
+            return
         if rec.queue is None:
             # Each takeover raises the token by one; each rollback by two (its own new
             # token, then the claim that resumes the unowned workflow).
@@ -498,6 +555,14 @@ class _Tally:
             checkpointed_workflows=len(self.checkpoint_bytes),
             checkpoint_bytes_per_task=(sum(self.checkpoint_bytes) / len(self.checkpoint_bytes)
                                        if self.checkpoint_bytes else None),
+            checkpoint_latency_overhead=(self.checkpoint_cost / self.checkpoint_step_time
+                                         if self.checkpoint_step_time else None),
+            token_usage=sum(self.tokens) if self.tokens else None,
+            tokens_per_workflow=(sum(self.tokens) / len(self.tokens)
+                                 if self.tokens else None),
+            unavailable={k: v for k, v in UNAVAILABLE.items() if k == "cost" or (
+                k == "token_usage" and not self.tokens) or (
+                k == "checkpoint_latency_overhead" and not self.checkpoint_step_time)},
         )
 
 
@@ -532,6 +597,31 @@ def _wake(e: JournalEntry) -> float:
     except CrashsafeError:
         return e.ended_at
     return max(e.ended_at, float(value)) if isinstance(value, int | float) else e.ended_at
+
+
+def _recovery_times(rec: WorkflowRecord, journal: list[JournalEntry],
+                    events: list[dict[str, Any]]) -> list[tuple[float, float]] | None:
+    """(claimed at, recovery time) per logged takeover that was followed by progress;
+    None when the workflow has no recovery log (see :attr:`Metrics.recovery_time`)."""
+    if not events:
+        return None
+    out: list[tuple[float, float]] = []
+    for ev in events:
+        at, seen = ev.get("at"), ev.get("seen")
+        if not isinstance(at, int | float) or ev.get("outcome") != "claimed":
+            continue
+        if not isinstance(seen, int | float):
+            before = [e.ended_at for e in journal if e.ended_at <= at]
+            seen = before[-1] if before else rec.created_at
+        after = [e.started_at for e in journal if e.started_at >= at]
+        if after:
+            resumed = after[0]
+        elif rec.status.terminal and rec.updated_at >= at:
+            resumed = rec.updated_at
+        else:
+            continue  # not resumed yet (or waiting for a person)
+        out.append((at, max(0.0, resumed - seen)))
+    return out
 
 
 def _longest_pause(rec: WorkflowRecord, journal: list[JournalEntry],
