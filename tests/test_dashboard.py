@@ -371,9 +371,12 @@ def test_timeline_shows_a_kill_and_the_recovery(db_url: str, reader: crashsafe.A
     assert styles[0] == "ok" and "backoff" in styles
     crashed_seg = next(s for s in step["segments"] if s["style"] == "crashed")
     recovered = [e for e in tl["events"] if e["style"] == "recovered"]
-    assert len(recovered) == 1
-    assert recovered[0]["at"] == crashed_seg["end"]
-    assert "attempt 2 of step 'call_llm'" in recovered[0]["title"]
+    assert len(recovered) == 2  # the cut-off attempt, and the takeover from the log
+    cut = next(e for e in recovered if "attempt 2 of step 'call_llm'" in e["title"])
+    assert cut["at"] == crashed_seg["end"]
+    (takeover,) = [e for e in recovered if e["title"].startswith("taken over from ")]
+    (seen,) = [e for e in tl["events"] if e["style"] == "crashed"]
+    assert seen["at"] <= takeover["at"] and "last seen alive" in seen["title"]
     assert data["workflow"]["status"] == "succeeded"
 
 

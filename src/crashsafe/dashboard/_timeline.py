@@ -52,8 +52,10 @@ def _decoded_float(entry: JournalEntry) -> float | None:
 
 def timeline(rec: WorkflowRecord, journal: list[JournalEntry], attempts: list[AttemptRecord],
              rewound: list[tuple[float, str, JournalEntry]], now: float,
-             preview: Callable[[JournalEntry | AttemptRecord], str]) -> dict[str, Any]:
-    """The rows, events and time range of one workflow's picture."""
+             preview: Callable[[JournalEntry | AttemptRecord], str],
+             takeovers: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The rows, events and time range of one workflow's picture (``takeovers``: its
+    recovery log, ``App.recoveries``)."""
     active = not rec.status.terminal  # running, waiting, cancelling or enqueued
     end_of_run = now if active else rec.updated_at
     by_index: dict[int, list[AttemptRecord]] = defaultdict(list)
@@ -91,6 +93,17 @@ def timeline(rec: WorkflowRecord, journal: list[JournalEntry], attempts: list[At
             events.append(_mark(a.ended_at, "recovered",
                                 f"recovered: attempt {a.attempt} of step {a.step!r} "
                                 f"(#{a.index}) was cut off by a crash"))
+    for ev in takeovers or []:
+        at, seen = ev.get("at"), ev.get("seen")
+        if not isinstance(at, int | float) or not math.isfinite(at):
+            continue
+        who, by = str(ev.get("from") or "no owner"), str(ev.get("by") or "?")
+        if isinstance(seen, int | float) and math.isfinite(seen) and seen <= at:
+            events.append(_mark(seen, "crashed", f"last seen alive: {who} (its last "
+                                                 f"heartbeat, {_secs(at - seen)} before the "
+                                                 "takeover)"))
+        verb = "dead-lettered" if ev.get("outcome") == "dead_letter" else "taken over"
+        events.append(_mark(at, "recovered", f"{verb} from {who} by {by}"))
     for at, why, e in rewound:
         rows.append({"label": f"{e.kind} {e.name} (rolled back)", "kind": e.kind,
                      "index": e.index, "marks": [],

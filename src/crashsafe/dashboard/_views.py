@@ -203,7 +203,8 @@ def workflow(app: App, workflow_id: str, *, before: int | None = None,
                     for at, why, e in rewound[-MAX_JOURNAL:]],
         "rewound_truncated": max(0, len(rewound) - MAX_JOURNAL),
         "waiting_for": _waiting_for(rec, journal),
-        "timeline": timeline(rec, shown, attempts, rewound[-MAX_JOURNAL:], now, preview),
+        "timeline": timeline(rec, shown, attempts, rewound[-MAX_JOURNAL:], now, preview,
+                             app.recoveries(rec.id)[-MAX_JOURNAL:]),
     }
 
 

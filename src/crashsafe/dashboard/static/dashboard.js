@@ -463,7 +463,7 @@ function legend() {
     box.append(el("span", {}, sw, " " + text));
   }
   box.append(el("span", {}, "◆ checkpoint"), el("span", {}, "● signal received"),
-             el("span", {}, "┆ recovered / rollback"));
+             el("span", {}, "┆ last seen alive / recovered / rollback"));
   return box;
 }
 
