@@ -16,11 +16,12 @@ not enabled for INFO) :func:`begin` returns None, and a run costs the engine one
 
 Everything is reported on the workflow's own thread, right after the commit it is
 about: log lines, and the :class:`Sink` objects (OpenTelemetry spans, Prometheus
-counters). No queue and no thread of ours sit in between: handing records to another
-thread cost more than building a span (a few microseconds), because that thread and the
-workflow's share the interpreter lock, and a workflow back from its fsync waited for it
-(docs/benchmarks.md has the figures). Exporting spans stays off the workflow's thread:
-that is the job of the OpenTelemetry SDK's ``BatchSpanProcessor``.
+counters). No queue and no thread of ours sit in between: such a thread shares the
+interpreter lock with the workflows, so it did not make sequential workflows faster
+(one back from its fsync waited for the lock) and made async ones slower (it took the
+lock from the event loop); docs/benchmarks.md has the figures. Exporting spans stays
+off the workflow's thread: that is the job of the OpenTelemetry SDK's
+``BatchSpanProcessor``.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
     from .stores.base import Op, WorkflowRecord
 
 log = logging.getLogger("crashsafe")
+
 
 class Sink:
     """A listener called on the workflow's own thread, right after what it hears about
@@ -100,7 +102,8 @@ class Run:
     """One workflow run being reported (see the module documentation)."""
 
     __slots__ = ("app", "debug", "extra", "name", "offset_ns", "replayed", "resumed",
-                 "sinks", "span", "state", "token", "trace_id", "version", "workflow_id")
+                 "sinks", "span", "state", "token", "trace_id", "tracing", "version",
+                 "workflow_id")
 
     def __init__(self, app: App, rec: WorkflowRecord, resumed: int,
                  sinks: tuple[Sink, ...]) -> None:
@@ -114,6 +117,8 @@ class Run:
         self.sinks = sinks
         self.span: Any = None
         """The OpenTelemetry span of this run, when its app traces."""
+        self.tracing: Any = None
+        """Its app's :class:`~crashsafe.observe.otel.Tracing`, when it traces."""
         self.trace_id: str | None = None
         self.state: dict[int, Any] = {}
         """Per-sink state, keyed by ``id(sink)``."""
@@ -133,22 +138,18 @@ class Run:
     def enter(self) -> Any:
         """Make the run's span current on this thread (spans your workflow and step code
         opens become its children); returns what :meth:`leave` needs."""
-        if self.span is None:
+        if self.span is None or self.tracing is None:
             return None
-        from .observe.otel import attach
-
         try:
-            return attach(self.span)
+            return self.tracing.attach(self.span)
         except Exception:
             _failed("making a run's span current")
             return None
 
     def leave(self, token: Any) -> None:
-        if token is not None:
-            from .observe.otel import detach
-
+        if token is not None and self.tracing is not None:
             try:
-                detach(token)
+                self.tracing.detach(token)
             except Exception:
                 _failed("leaving a run's span")
 
@@ -258,6 +259,7 @@ def _begin(app: App, rec: WorkflowRecord, resumed: int) -> Run | None:
         return None
     run = Run(app, rec, resumed, sinks)
     if tracing is not None:
+        run.tracing = tracing
         tracing.begin(run, rec.inputs)
     if sinks:
         _feed(sinks, "the start of a run", "run_started", run)

@@ -22,18 +22,19 @@ sensitive (:func:`crashsafe.redact`).
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import logging
 import sys
+import time
 from typing import IO, Any
 
-from .._secrets import redact, redact_text
+from .._secrets import is_sensitive_name, redact, redact_text
 
 _SEP = "\n"
 # The attributes every LogRecord has; anything else on a record came from ``extra``.
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
     "message", "asctime", "taskName"}
+_PLAIN = (str, int, float, bool, type(None))
 
 
 class JsonFormatter(logging.Formatter):
@@ -41,10 +42,16 @@ class JsonFormatter(logging.Formatter):
     ``logger``, ``message``, ``thread``, every ``extra`` field, and ``exception``
     (the traceback) when there is one; secrets redacted (see the module)."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._safe_names: set[str] = set()
+        """Field names seen not to be sensitive (crashsafe's own are a handful)."""
+
     def format(self, record: logging.LogRecord) -> str:
+        seconds = int(record.created)
         doc: dict[str, Any] = {
-            "time": dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(
-                timespec="milliseconds").replace("+00:00", "Z"),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+            + f".{int(record.msecs):03d}Z",
             "level": record.levelname,
             "logger": record.name,
             "message": redact_text(record.getMessage()),
@@ -53,7 +60,8 @@ class JsonFormatter(logging.Formatter):
         fields = {k: v for k, v in vars(record).items()
                   if k not in _STANDARD and not k.startswith("_")}
         if fields:
-            fields = redact(fields)
+            if not self._plain(fields):
+                fields = redact(fields)
             # One look for anything credential-like over all the string fields, not one
             # per field: most lines hold none (ids and names).
             texts = _SEP.join(v for v in fields.values() if isinstance(v, str))
@@ -66,6 +74,22 @@ class JsonFormatter(logging.Formatter):
         elif record.stack_info:
             doc["stack"] = redact_text(record.stack_info)
         return json.dumps(doc, default=_fallback, ensure_ascii=False)
+
+
+    def _plain(self, fields: dict[str, Any]) -> bool:
+        """Whether ``redact`` would leave ``fields`` as they are: flat values under names
+        known not to be sensitive (most lines: ids, names, counts). One line per
+        workflow goes through here, so the names' verdicts are kept."""
+        safe = self._safe_names
+        for name, value in fields.items():
+            if type(value) not in _PLAIN:
+                return False
+            if name not in safe:
+                if is_sensitive_name(name):
+                    return False
+                if len(safe) < 1024:
+                    safe.add(name)
+        return True
 
 
 def _fallback(value: Any) -> str:

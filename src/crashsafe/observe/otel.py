@@ -85,20 +85,6 @@ def auto_provider() -> TracerProvider | None:
     return provider  # type: ignore[no-any-return]
 
 
-def attach(span: Any) -> object:
-    from opentelemetry import context, trace
-
-    if isinstance(span, _OpenRun):
-        span = span.current
-    return context.attach(trace.set_span_in_context(span))
-
-
-def detach(token: Any) -> None:
-    from opentelemetry import context
-
-    context.detach(token)
-
-
 # -- the stamp: a traceparent inside the stored inputs ------------------------------------
 class _Stamp(msgspec.Struct):
     trace: str | None = None
@@ -156,6 +142,9 @@ class Tracing(Sink):
         self._trace = trace
         self._direct = _Direct.of(self.tracer)
         self._unset = trace.Status(trace.StatusCode.UNSET)
+        from opentelemetry import context
+
+        self._context = context
         self._key = id(self)
         self._step_names: dict[str, str] = {}
 
@@ -181,6 +170,15 @@ class Tracing(Sink):
         span.end()
         sc = span.get_span_context()
         return stamp(inputs, traceparent(sc)) if sc.is_valid else inputs
+
+    def attach(self, span: Any) -> object:
+        """Make ``span`` (a run's) current on this thread; returns the detach token."""
+        if isinstance(span, _OpenRun):
+            span = span.current
+        return self._context.attach(self._trace.set_span_in_context(span))
+
+    def detach(self, token: Any) -> None:
+        self._context.detach(token)
 
     def begin(self, run: Run, inputs: bytes) -> None:
         """Open the run's ``workflow`` span, a child of the stamped ``start`` span."""
@@ -389,7 +387,7 @@ class _Direct:
     def __init__(self, tracer: Any) -> None:
         from opentelemetry.sdk.trace import ReadableSpan
         from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-        from opentelemetry.trace import SpanContext, SpanKind
+        from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode
 
         self.processor = tracer.span_processor
         self.resource = tracer.resource
@@ -397,6 +395,7 @@ class _Direct:
         self.scope = InstrumentationScope("crashsafe", __version__)
         self.span_type, self.context_type = ReadableSpan, SpanContext
         self.kind = SpanKind.INTERNAL
+        self.non_recording, self.unset = NonRecordingSpan, Status(StatusCode.UNSET)
 
     @classmethod
     def of(cls, tracer: Any) -> _Direct | None:
@@ -427,13 +426,11 @@ class _OpenRun:
 
     def __init__(self, direct: _Direct, name: str, parent: SpanContext,
                  attrs: dict[str, Any]) -> None:
-        from opentelemetry.trace import NonRecordingSpan, Status, StatusCode
-
         self.direct, self.name, self.parent, self.attrs = direct, name, parent, attrs
         self.context: SpanContext = direct.context_type(
             parent.trace_id, direct.new_id(), False, parent.trace_flags, parent.trace_state)
-        self.current = NonRecordingSpan(self.context)
-        self.status: Any = Status(StatusCode.UNSET)
+        self.current = direct.non_recording(self.context)
+        self.status: Any = direct.unset
         self.start = time.time_ns()
 
     def get_span_context(self) -> SpanContext:

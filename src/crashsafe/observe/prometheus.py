@@ -152,15 +152,14 @@ class Counters(_instrument.Sink):
 
     def _ok_step(self, name: str, e: JournalEntry, now: float) -> None:
         """:meth:`_step` for a step that succeeded (nearly all: this runs once per step)."""
+        steps, attempts = self._steps, self._step_attempts
         labels = (name, e.name, "ok")
-        steps = self._steps
         steps[labels] = steps.get(labels, 0.0) + 1
-        labels = labels[:2]
-        attempts = self._step_attempts
-        attempts[labels] = attempts.get(labels, 0.0) + e.attempts
-        cells = self._durations.get(labels)
+        pair = (name, e.name)
+        attempts[pair] = attempts.get(pair, 0.0) + e.attempts
+        cells = self._durations.get(pair)
         if cells is None:
-            cells = self._durations[labels] = [0.0] * (len(LATENCY_BUCKETS) + 2)
+            cells = self._durations[pair] = [0.0] * (len(LATENCY_BUCKETS) + 2)
         took = now - e.started_at
         if took < 0.0:
             took = 0.0
