@@ -240,6 +240,51 @@ def test_migrations_run_once_when_four_processes_open_a_fresh_schema_at_once(
     assert admin.execute(f'SELECT value FROM "{schema}".crashsafe_meta').fetchall() == version
 
 
+def test_a_version_2_schema_with_data_is_upgraded_and_keeps_working(
+        schema: str, admin: psycopg.Connection[Any]) -> None:
+    from crashsafe.stores._postgres_sql import MIGRATIONS
+    from crashsafe.stores.base import WorkflowNotRunning
+
+    # The schema as the first PostgreSQL release left it (version 2), holding a
+    # running workflow with one journal entry and a queued one.
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+        conn.execute(f'CREATE SCHEMA "{schema}"')
+        conn.execute(f'SET search_path TO "{schema}"')
+        conn.execute("CREATE TABLE crashsafe_meta (name text PRIMARY KEY, "
+                     "value integer NOT NULL)")
+        for migration in MIGRATIONS[:2]:
+            conn.execute(migration)
+        conn.execute("INSERT INTO crashsafe_meta VALUES ('schema_version', 2)")
+        conn.execute("INSERT INTO workflows (id, name, version, status, inputs, owner, "
+                     "created_at, updated_at, token) VALUES ('w1', 'flow', '1', 'running', "
+                     "'{}', 'ex-1', 1.0, 1.0, 3)")
+        conn.execute("INSERT INTO workflows (id, name, version, status, inputs, created_at, "
+                     "updated_at, queue) VALUES ('q1', 'flow', '1', 'enqueued', '{}', 1.0, "
+                     "1.0, 'jobs')")
+        conn.execute("INSERT INTO journal VALUES ('w1', 0, 'step', 's0', '1', NULL, 1, "
+                     "10.0, 11.0, NULL)")
+    store = PostgresStore(postgres_url(schema))
+    try:
+        version = admin.execute(f'SELECT value FROM "{schema}".crashsafe_meta').fetchall()
+        assert version == [(SCHEMA_VERSION,)]
+        assert [e.index for e in store.load_journal("w1")] == [0]
+        # A group commit (one commit_group call) with a fenced entry and a finish.
+        fenced = JournalEntry("w1", 1, "step", "s1", b"2", None, 1, 12.0, 13.0, token=3)
+        stale = JournalEntry("w1", 2, "step", "s2", b"3", None, 1, 14.0, 15.0, token=2)
+        finish = FinishWorkflow("w1", "ex-1", Status.SUCCEEDED, b"2", at=16.0, token=3)
+        ok, refused = store.apply([[fenced, entry("w1", 5)], [stale]])
+        assert ok is None and isinstance(refused, WorkflowNotRunning)
+        assert store.apply([[finish]]) == [None]
+        rec = store.get_workflow("w1")
+        assert rec is not None and rec.status is Status.SUCCEEDED
+        assert [e.index for e in store.load_journal("w1")] == [0, 1, 5]
+        # A dequeue (one dequeue_group call) takes the queued one and raises its token.
+        (taken,) = store.dequeue("jobs", "ex-2", 5, 1, 100.0)
+        assert (taken.id, taken.owner, taken.token) == ("q1", "ex-2", 1)
+    finally:
+        store.close()
+
+
 def test_a_newer_schema_is_refused_with_upgrade_advice(
         store: PostgresStore, schema: str, admin: psycopg.Connection[Any]) -> None:
     admin.execute(f'UPDATE "{schema}".crashsafe_meta SET value = 99')
