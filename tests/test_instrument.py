@@ -270,6 +270,12 @@ def test_the_trace_continues_after_kill_9_in_another_process(tmp_path: Path) -> 
     try:
         assert proc.stdout is not None
         assert proc.stdout.readline().strip() == "blocked", proc.stderr and proc.stderr.read()
+        # The span of "first" is reported while "second" blocks: by the reporting thread,
+        # once it has waited SWEEP_S (a lone step result waits for company until then).
+        deadline = time.monotonic() + 10
+        while '"step first"' not in (lines.read_text() if lines.exists() else ""):
+            assert time.monotonic() < deadline, "the step span was never reported"
+            time.sleep(0.02)
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
@@ -703,3 +709,139 @@ def test_a_wait_for_a_signal_is_a_span_from_its_start_to_the_signal(
     assert wait.attributes["crashsafe.signal"] == "approval"
     assert wait.start_time is not None and wait.end_time is not None
     assert wait.end_time - wait.start_time >= 40_000_000  # it waited for the signal
+
+
+# -- reporting in batches ----------------------------------------------------------------------
+def test_many_steps_are_reported_in_order_once_each_across_batches(
+        traced: tuple[App, InMemorySpanExporter], counting: prometheus.Counters) -> None:
+    app, exporter = traced
+    n = _instrument.BATCH * 2 + 5  # two full batches, then the rest at the run's end
+
+    @app.step(name="many_s")
+    def many_s(i: int) -> int:
+        return i
+
+    @app.workflow(name="many_wf")
+    def many_wf() -> int:
+        return sum(many_s(i) for i in range(n))
+
+    assert app.start(many_wf, workflow_id="M-1").result(timeout=30) == n * (n - 1) // 2
+    app.close()
+    spans = _spans(exporter)
+    run = _one(spans, "workflow many_wf")
+    steps = [s for s in spans if s.name == "step many_s"]
+    assert [s.attributes["crashsafe.step.index"] for s in steps  # type: ignore[index]
+            ] == list(range(n))
+    assert all(_parent(s) == _ids(run)[1] for s in steps)
+    assert len({_ids(s)[1] for s in steps}) == n  # a span id of its own each
+    assert all(s.context is not None and s.context.is_valid and not s.context.is_remote
+               for s in steps)
+    assert all(s.start_time is not None and s.end_time is not None
+               and s.start_time <= s.end_time for s in steps)
+    assert counting.counts["steps"][("many_wf", "many_s", "ok")] == n
+
+
+def test_a_slow_step_does_not_hold_back_the_report_of_the_steps_before_it(
+        traced: tuple[App, InMemorySpanExporter], counting: prometheus.Counters) -> None:
+    import threading
+
+    app, exporter = traced
+    gate = threading.Event()
+
+    @app.step(name="quick_s")
+    def quick_s(i: int) -> int:
+        return i
+
+    @app.step(name="slow_s")
+    def slow_s() -> int:
+        gate.wait(30)
+        return 0
+
+    @app.workflow(name="held_wf")
+    def held_wf() -> int:
+        return quick_s(1) + quick_s(2) + slow_s()
+
+    handle = app.start(held_wf, workflow_id="H-1")
+    try:
+        # While slow_s runs, the two results before it wait for company; the reporting
+        # thread reports them once they have waited SWEEP_S.
+        deadline = time.monotonic() + 10
+        while len([s for s in _spans(exporter) if s.name == "step quick_s"]) < 2:
+            assert time.monotonic() < deadline, [s.name for s in _spans(exporter)]
+            time.sleep(0.02)
+        assert counting.counts["steps"][("held_wf", "quick_s", "ok")] == 2
+        assert not any(s.name == "workflow held_wf" for s in _spans(exporter))
+    finally:
+        gate.set()
+    assert handle.result(timeout=10) == 3
+    app.close()
+    names = [s.name for s in _spans(exporter)]
+    assert names.count("step quick_s") == 2 and names.count("step slow_s") == 1
+
+
+def test_a_span_processor_added_later_gets_the_next_spans(tmp_path: Path) -> None:
+    first, second = InMemorySpanExporter(), InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(first))
+    app = App(f"sqlite:///{tmp_path / 'late.db'}", tracing=provider)
+
+    @app.step(name="late_s")
+    def late_s() -> int:
+        return 1
+
+    @app.workflow(name="late_wf")
+    def late_wf() -> int:
+        return late_s()
+
+    assert app.start(late_wf, workflow_id="L-1").result(timeout=10) == 1
+    provider.add_span_processor(SimpleSpanProcessor(second))
+    assert app.start(late_wf, workflow_id="L-2").result(timeout=10) == 1
+    app.close()
+    assert [s.name for s in _spans(first)].count("step late_s") == 2
+    assert [s.name for s in _spans(second)].count("step late_s") == 1
+
+
+def test_the_fast_span_context_is_the_api_s_own() -> None:
+    from opentelemetry.trace import SpanContext, TraceFlags, TraceState
+
+    from crashsafe.observe import otel
+
+    assert otel._fast_context_works()  # this API version: the shortcut is in use
+    flags, state = TraceFlags(TraceFlags.SAMPLED), TraceState()
+    fast = otel._fast_context(7, 9, flags, state)
+    assert fast == SpanContext(7, 9, False, flags, state)
+    assert isinstance(fast, SpanContext) and fast.is_valid and not fast.is_remote
+    assert (fast.trace_id, fast.span_id, fast.trace_flags, fast.trace_state) == (
+        7, 9, flags, state)
+
+
+def test_json_formatter_times_secrets_and_odd_values() -> None:
+    fmt = JsonFormatter()
+
+    def line(created: float, msg: str, **extra: Any) -> dict[str, Any]:
+        record = logging.LogRecord("crashsafe", logging.INFO, __file__, 1, msg, (), None)
+        record.created, record.msecs = created, (created % 1) * 1000
+        record.__dict__.update(extra)
+        out: dict[str, Any] = json.loads(fmt.format(record))
+        return out
+
+    a = line(1_700_000_000.25, "plain")
+    b = line(1_700_000_000.5, "plain")  # the same second: its stamp is reused
+    c = line(1_700_000_061.0, "plain")  # a new second (and minute)
+    assert (a["time"], b["time"], c["time"]) == (
+        "2023-11-14T22:13:20.250Z", "2023-11-14T22:13:20.500Z", "2023-11-14T22:14:21.000Z")
+    leaked = line(1_700_000_000.0, "calling with Authorization: Bearer abcdefghijklmnop",
+                  workflow_id="W-1")
+    assert "abcdefghijklmnop" not in json.dumps(leaked) and leaked["workflow_id"] == "W-1"
+    field = line(1_700_000_000.0, "ok", detail="api_key=sk-abcdefghijklmnopqrstuv")
+    assert "sk-abcdefghijklmnopqrstuv" not in json.dumps(field)
+    nested = line(1_700_000_000.0, "ok", request={"headers": {"password": "hunter2hunter2"}})
+    assert "hunter2hunter2" not in json.dumps(nested)
+
+    class Odd:
+        def __str__(self) -> str:
+            return "odd token=abcdef123456"
+
+    odd = line(1_700_000_000.0, "ok", thing=Odd(), numbers=(1, 2), count=3)
+    assert odd["thing"].startswith("odd") and "abcdef123456" not in odd["thing"]
+    assert odd["numbers"] == [1, 2] and odd["count"] == 3

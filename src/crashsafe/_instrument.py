@@ -14,12 +14,18 @@ When nothing listens (no sink, the app does not trace, the ``crashsafe`` logger 
 not enabled for INFO) :func:`begin` returns None, and a run costs the engine one
 ``is None`` test per commit.
 
-Everything is reported on the workflow's own thread, right after the commit it is
-about: log lines, and the :class:`Sink` objects (OpenTelemetry spans, Prometheus
-counters). No queue and no thread of ours sit in between: such a thread shares the
-interpreter lock with the workflows, so it did not make sequential workflows faster
-(one back from its fsync waited for the lock) and made async ones slower (it took the
-lock from the event loop); docs/benchmarks.md has the figures. Exporting spans stays
+Log lines and the :class:`Sink` objects (OpenTelemetry spans, Prometheus counters)
+hear about a commit on the workflow's own thread, after the commit. A commit holding
+one step's result and nothing else (nearly all of them) waits for company: it is
+reported with the next ones, :data:`BATCH` at most, when anything else commits, or
+when the run ends. One pass over many records costs far less than one call chain per
+record, which is what keeps observability within its overhead budget (see
+docs/benchmarks.md). So that a slow step does not hold back the report of the quick
+ones before it, a reporting thread looks every ``SWEEP_S / 2`` seconds and reports the
+commits that have waited longer than :data:`SWEEP_S`. Otherwise no thread of ours
+does the work: it would share the interpreter lock with the workflows, and did not
+make sequential workflows faster (one back from its fsync waited for the lock) and
+made async ones slower (it took the lock from the event loop). Exporting spans stays
 off the workflow's thread: that is the job of the OpenTelemetry SDK's
 ``BatchSpanProcessor``.
 """
@@ -29,6 +35,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +49,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("crashsafe")
 
+BATCH = 32
+"""Step-result commits of one run reported together, at most."""
+SWEEP_S = 0.2
+"""Commits waiting longer than this are reported by the reporting thread."""
+
+Commit = tuple[Sequence["Op"], int, int]
+"""``(ops, t0, t1)``: what one commit wrote, and when it began and returned."""
+
 
 class Sink:
     """A listener called on the workflow's own thread, right after what it hears about
@@ -49,8 +64,10 @@ class Sink:
 
     It must be quick and never block: the workflow waits for it (hand slow work, like
     sending anything over the network, to a thread of its own). Sync workflows run on
-    several threads at once, so what a sink shares between runs needs a lock. An
-    exception it raises is logged and does not reach the workflow.
+    several threads at once, and commits that waited are reported from crashsafe's
+    reporting thread (see the module), so what a sink shares between runs needs a lock;
+    one run's calls never overlap. An exception it raises is logged and does not reach
+    the workflow.
     ``t0``/``t1``/``at`` are wall-clock nanoseconds (``time.time_ns()``). Override
     what you need; every method does nothing by default.
     """
@@ -60,6 +77,12 @@ class Sink:
 
     def committed(self, run: Run, ops: Sequence[Op], t0: int, t1: int) -> None:
         """``ops`` were committed by ``run`` between ``t0`` and ``t1``."""
+
+    def committed_many(self, run: Run, commits: Sequence[Commit]) -> None:
+        """Several commits of ``run``, oldest first: what the engine calls. By default
+        :meth:`committed` once per commit; override it to save the calls."""
+        for ops, t0, t1 in commits:
+            self.committed(run, ops, t0, t1)
 
     def run_ended(self, run: Run, outcome: str, error: BaseException | None, at: int) -> None:
         """The run ended: ``ok``, ``error``, ``cancelled``, ``dead_letter``, ``aborted``
@@ -101,9 +124,9 @@ def _feed(sinks: Sequence[Sink], what: str, call: str, *args: Any) -> None:
 class Run:
     """One workflow run being reported (see the module documentation)."""
 
-    __slots__ = ("app", "debug", "extra", "name", "offset_ns", "replayed", "resumed",
-                 "sinks", "span", "state", "token", "trace_id", "tracing", "version",
-                 "workflow_id")
+    __slots__ = ("app", "debug", "extra", "lock", "name", "offset_ns",
+                 "pending", "replayed", "resumed", "sinks", "span", "state", "token",
+                 "trace_id", "tracing", "version", "workflow_id")
 
     def __init__(self, app: App, rec: WorkflowRecord, resumed: int,
                  sinks: tuple[Sink, ...]) -> None:
@@ -127,6 +150,10 @@ class Run:
         """The store's clock minus ours: records are stamped on the store's clock."""
         self.extra: dict[str, Any] = {"workflow_id": rec.id, "workflow": rec.name}
         self.debug = log.isEnabledFor(logging.DEBUG)
+        self.pending: deque[Commit] = deque()
+        """Commits not reported yet (appended without a lock: deques are thread-safe)."""
+        self.lock = threading.Lock()
+        """Held while reporting, so one run's reports never overlap nor reorder."""
 
     def set_trace(self, trace_id: str | None, span_id: str | None) -> None:
         """Put the run's trace in its log lines."""
@@ -155,17 +182,43 @@ class Run:
 
     def committed(self, ops: Sequence[Op], t0: int) -> None:
         """``ops`` were just committed (on the workflow's thread). Never raises: the
-        commit happened, whatever reporting it does."""
-        t1 = time.time_ns()
-        for sink in self.sinks:  # not _feed: this runs for every step
+        commit happened, whatever reporting it does. A lone step result waits for the
+        next commits (see the module); anything else is reported at once."""
+        pending = self.pending
+        pending.append((ops, t0, time.time_ns()))
+        if len(ops) == 1 and len(pending) < BATCH:
+            e = ops[0]
+            if type(e) is JournalEntry and e.error is None and e.kind == "step":
+                if len(pending) == 1:
+                    with _waiting_lock:
+                        _waiting.add(self)
+                return
+        self.flush()
+
+    def flush(self) -> None:
+        """Report the commits not reported yet. Never raises."""
+        with self.lock:
+            pending = self.pending
+            commits = [pending.popleft() for _ in range(len(pending))]
+            with _waiting_lock:  # one appended meanwhile waits for the next flush
+                if pending:
+                    _waiting.add(self)
+                else:
+                    _waiting.discard(self)
+            if not commits:
+                return
+            for sink in self.sinks:
+                try:
+                    sink.committed_many(self, commits)
+                except Exception:
+                    _failed("a commit")
             try:
-                sink.committed(self, ops, t0, t1)
+                for ops, t0, t1 in commits:
+                    if self.debug or len(ops) != 1 or type(e := ops[0]) is not JournalEntry \
+                            or e.kind != "step" or e.error is not None:
+                        self._log_commit(ops, t1 - t0)
             except Exception:
                 _failed("a commit")
-        try:
-            self._log_commit(ops, t1 - t0)
-        except Exception:
-            _failed("a commit")
 
     def _log_commit(self, ops: Sequence[Op], latency_ns: int) -> None:
         for op in ops:
@@ -209,6 +262,7 @@ class Run:
 
     def end(self, outcome: str, error: BaseException | None, replayed: int) -> None:
         """The run ended (on the workflow's thread). Never raises."""
+        self.flush()
         self.replayed = replayed
         if self.sinks:
             _feed(self.sinks, "the end of a run", "run_ended", self, outcome, error,
@@ -236,6 +290,38 @@ _ENDED = {
 }
 
 
+_waiting: set[Run] = set()
+"""Runs with commits not reported yet; the reporting thread looks at them."""
+_waiting_lock = threading.Lock()
+_sweeper: threading.Thread | None = None
+_sweeper_lock = threading.Lock()
+
+
+def _sweep() -> None:
+    """The reporting thread: report commits that waited longer than :data:`SWEEP_S`
+    (their run is busy in a slow step, or blocked)."""
+    while True:
+        time.sleep(SWEEP_S / 2)
+        limit = time.time_ns() - int(SWEEP_S * 1e9)
+        with _waiting_lock:
+            runs = list(_waiting)
+        for run in runs:
+            try:
+                oldest = run.pending[0][2]
+            except IndexError:
+                continue
+            if oldest <= limit:
+                run.flush()
+
+
+def _start_sweeper() -> None:
+    global _sweeper
+    with _sweeper_lock:
+        if _sweeper is None or not _sweeper.is_alive():
+            _sweeper = threading.Thread(target=_sweep, name="crashsafe-report", daemon=True)
+            _sweeper.start()
+
+
 def begin(app: App, rec: WorkflowRecord, resumed: int) -> Run | None:
     """A run of ``rec`` starts in this process; ``resumed``: entries already recorded.
     None when nothing listens, or when reporting it failed (the run goes on)."""
@@ -257,6 +343,8 @@ def _begin(app: App, rec: WorkflowRecord, resumed: int) -> Run | None:
     sinks = _sinks if tracing is None else (*_sinks, tracing)
     if not sinks and not log.isEnabledFor(logging.INFO):
         return None
+    if _sweeper is None:
+        _start_sweeper()
     run = Run(app, rec, resumed, sinks)
     if tracing is not None:
         run.tracing = tracing

@@ -22,11 +22,12 @@ sensitive (:func:`crashsafe.redact`).
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
 from typing import IO, Any
+
+import msgspec
 
 from .._secrets import is_sensitive_name, redact, redact_text
 
@@ -44,36 +45,42 @@ class JsonFormatter(logging.Formatter):
 
     def __init__(self) -> None:
         super().__init__()
+        self._second: tuple[int, str] = (-1, "")
         self._safe_names: set[str] = set()
         """Field names seen not to be sensitive (crashsafe's own are a handful)."""
 
     def format(self, record: logging.LogRecord) -> str:
         seconds = int(record.created)
+        second, stamp = self._second
+        if seconds != second:  # one line in many starts a new second
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+            self._second = (seconds, stamp)  # one tuple: formatters may be shared
+        message = record.getMessage()
         doc: dict[str, Any] = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
-            + f".{int(record.msecs):03d}Z",
+            "time": f"{stamp}.{int(record.msecs):03d}Z",
             "level": record.levelname,
             "logger": record.name,
-            "message": redact_text(record.getMessage()),
+            "message": message,
             "thread": record.threadName,
         }
         fields = {k: v for k, v in vars(record).items()
                   if k not in _STANDARD and not k.startswith("_")}
-        if fields:
-            if not self._plain(fields):
-                fields = redact(fields)
-            # One look for anything credential-like over all the string fields, not one
-            # per field: most lines hold none (ids and names).
-            texts = _SEP.join(v for v in fields.values() if isinstance(v, str))
-            nested = any(isinstance(v, dict | list | tuple) for v in fields.values())
-            if nested or redact_text(texts) != texts:
-                fields = _texts(fields)
-            doc.update(fields)
+        if fields and not self._plain(fields):
+            fields = redact(fields)
+        # One look for anything credential-like over the message and all the string
+        # fields together, not one per string: most lines hold none (ids and names).
+        texts = _SEP.join([message, *(v for v in fields.values() if isinstance(v, str))])
+        if redact_text(texts) != texts:
+            doc["message"] = redact_text(message)
+            fields = _texts(fields)
+        elif any(isinstance(v, dict | list | tuple) for v in fields.values()):
+            fields = _texts(fields)
+        doc.update(fields)
         if record.exc_info:
             doc["exception"] = redact_text(self.formatException(record.exc_info))
         elif record.stack_info:
             doc["stack"] = redact_text(record.stack_info)
-        return json.dumps(doc, default=_fallback, ensure_ascii=False)
+        return _encode(doc).decode()
 
 
     def _plain(self, fields: dict[str, Any]) -> bool:
@@ -94,6 +101,9 @@ class JsonFormatter(logging.Formatter):
 
 def _fallback(value: Any) -> str:
     return redact_text(str(value))
+
+
+_encode = msgspec.json.Encoder(enc_hook=_fallback).encode
 
 
 def _texts(value: Any) -> Any:

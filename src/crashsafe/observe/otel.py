@@ -26,26 +26,35 @@ no stamp: each of its runs starts a trace of its own.)
 
 Step, attempt, checkpoint, sleep and wait spans are built from the records each
 commit made durable, with their recorded start and end times, on the workflow's thread
-right after the commit (a few microseconds a span; see :mod:`crashsafe._instrument`),
-and handed to the provider's span processors: use a ``BatchSpanProcessor`` in
+(a few microseconds a span): at once for anything but a step's plain result, and for
+those in batches of up to :data:`crashsafe._instrument.BATCH`, within about 0.3 s of
+the commit at the latest (then from crashsafe's reporting thread, when the workflow is
+busy in a slow step). A process killed with -9 loses the spans of the last fraction of
+a second it had not reported yet, as it loses those its span processor had not
+exported yet. They go to the provider's span processors: use a ``BatchSpanProcessor`` in
 production, which exports on a thread of its own, so the workflow never waits for the
-exporter (a ``SimpleSpanProcessor`` exports each span on the spot, in the workflow). The
-run's ``workflow`` span is current while the workflow's code runs, so spans your own
-code opens (an instrumented HTTP or LLM client) land in the same trace, as children
+exporter (a ``SimpleSpanProcessor`` exports each span on the spot, in the workflow).
+With head sampling (``TracerProvider(sampler=ParentBased(TraceIdRatioBased(r)))``)
+a workflow's runs and steps follow the decision made for its ``start`` span: an
+unsampled workflow makes no span at all.
+
+The run's ``workflow`` span is current while the workflow's code runs, so spans your
+own code opens (an instrumented HTTP or LLM client) land in the same trace, as children
 of the run.
 """
 
 from __future__ import annotations
 
+import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from .. import __version__
 from .._errors import describe, recorded_class
-from .._instrument import Run, Sink
+from .._instrument import Commit, Run, Sink
 from .._secrets import redact_text
 from ..exceptions import ConfigurationError, CrashsafeError
 from ..stores.base import AttemptRecord, JournalEntry
@@ -252,6 +261,55 @@ class Tracing(Sink):
                     "crashsafe.step.index": op.index,
                     "crashsafe.outcome": "error" if op.error else "ok"}, error=op.error)
 
+    def committed_many(self, run: Run, commits: Sequence[Commit]) -> None:
+        """:meth:`committed` for each, with the spans of steps that succeeded at once
+        (nearly all) made in one pass (see :class:`_Direct`)."""
+        st = run.state.get(self._key)
+        if st is None:
+            st = self._state(run)
+        parent, direct = st.parent, self._direct
+        if parent is None:
+            return
+        if direct is None:
+            for ops, t0, t1 in commits:
+                self.committed(run, ops, t0, t1)
+            return
+        ends = direct.ends()
+        make, readable, new_id = direct.make_context, direct.span_type, direct.new_id
+        fast, context_type, bits = direct.fast, direct.context_type, _getrandbits
+        trace_id, flags, state = parent.trace_id, parent.trace_flags, parent.trace_state
+        resource, kind, scope, unset = direct.resource, direct.kind, direct.scope, self._unset
+        names, offset = self._step_names, run.offset_ns
+        for ops, t0, t1 in commits:
+            if len(ops) != 1 or type(e := ops[0]) is not JournalEntry or e.kind != "step" \
+                    or e.error is not None or e.note is not None or st.attempts \
+                    or st.sleep is not None:
+                self.committed(run, ops, t0, t1)
+                continue
+            # _plain_step, inline
+            name = names.get(e.name)
+            if name is None:
+                name = self._step_name(e.name)
+            start = int(e.started_at * 1e9) - offset
+            if fast:  # _fast_context and the SDK's RandomIdGenerator, inline
+                ctx = _new_tuple(context_type, (trace_id, bits(64) or new_id(), False, flags,
+                                                state, True))
+            else:
+                ctx = make(trace_id, new_id(), flags, state)
+            span = readable(
+                name, ctx, parent, resource,
+                {"crashsafe.step.index": e.index, "crashsafe.step.name": e.name,
+                 "crashsafe.step.attempts": e.attempts, "crashsafe.outcome": "ok"},
+                (), (), kind, None, unset, start, t1 if t1 > start else start, scope)
+            for end in ends:
+                end(span)
+
+    def _step_name(self, step: str) -> str:
+        name = f"step {step}"
+        if len(self._step_names) < 1024:  # step names come from the code: a few
+            self._step_names[step] = name
+        return name
+
     def run_ended(self, run: Run, outcome: str, error: BaseException | None, at: int) -> None:
         span = run.span
         if span is None:
@@ -303,9 +361,7 @@ class Tracing(Sink):
         only what such a step needs (this runs once per step, in the workflow)."""
         name = self._step_names.get(e.name)
         if name is None:
-            name = f"step {e.name}"
-            if len(self._step_names) < 1024:  # step names come from the code: a few
-                self._step_names[e.name] = name
+            name = self._step_name(e.name)
         start = int(e.started_at * 1e9) - run.offset_ns
         attrs = {"crashsafe.step.index": e.index, "crashsafe.step.name": e.name,
                  "crashsafe.step.attempts": e.attempts, "crashsafe.outcome": "ok"}
@@ -385,7 +441,8 @@ class _Direct:
     """
 
     def __init__(self, tracer: Any) -> None:
-        from opentelemetry.sdk.trace import ReadableSpan
+        from opentelemetry.sdk.trace import ReadableSpan, SynchronousMultiSpanProcessor
+        from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
         from opentelemetry.sdk.util.instrumentation import InstrumentationScope
         from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode
 
@@ -396,6 +453,26 @@ class _Direct:
         self.span_type, self.context_type = ReadableSpan, SpanContext
         self.kind = SpanKind.INTERNAL
         self.non_recording, self.unset = NonRecordingSpan, Status(StatusCode.UNSET)
+        self._multi = SynchronousMultiSpanProcessor
+        self.make_context: Callable[[int, int, Any, Any], SpanContext] = self._checked_context
+        self.fast = type(tracer.id_generator) is RandomIdGenerator and _fast_context_works()
+        """Span contexts made as :func:`_fast_context` does, span ids drawn as the SDK's
+        ``RandomIdGenerator`` draws them (64 random bits, never 0)."""
+        if self.fast:
+            self.make_context = _fast_context
+
+    def _checked_context(self, trace_id: int, span_id: int, flags: Any,
+                         state: Any) -> SpanContext:
+        return self.context_type(trace_id, span_id, False, flags, state)
+
+    def ends(self) -> list[Callable[[Any], None]]:
+        """The ``on_end`` of the provider's processors (read again for each batch: a
+        processor may be added at any time)."""
+        processor = self.processor
+        inner = getattr(processor, "_span_processors", None)
+        if type(processor) is self._multi and isinstance(inner, tuple):
+            return [p.on_end for p in inner]  # one call less per span
+        return [processor.on_end]
 
     @classmethod
     def of(cls, tracer: Any) -> _Direct | None:
@@ -411,12 +488,43 @@ class _Direct:
     def record(self, parent: SpanContext, name: str, start: int, end: int,
                attrs: dict[str, Any], status: Any, ctx: Any = None) -> SpanContext:
         if ctx is None:
-            ctx = self.context_type(parent.trace_id, self.new_id(), False, parent.trace_flags,
+            ctx = self.make_context(parent.trace_id, self.new_id(), parent.trace_flags,
                                     parent.trace_state)
         self.processor.on_end(self.span_type(
             name, ctx, parent, self.resource, attrs, (), (), self.kind, None, status, start,
             end, self.scope))
         return ctx  # type: ignore[no-any-return]
+
+
+def _fast_context(trace_id: int, span_id: int, flags: Any, state: Any) -> SpanContext:
+    """``SpanContext(trace_id, span_id, False, flags, state)`` without its checks, for
+    ids known valid (a sampled parent's trace id, a span id of the SDK's random
+    generator, never 0): the API's SpanContext is a tuple, and its checks cost more
+    than the rest of a span. Used only when :func:`_fast_context_works`."""
+    return _new_tuple(_SpanContext, (trace_id, span_id, False, flags, state, True))  # type: ignore[no-any-return]
+
+
+_new_tuple = tuple.__new__
+_SpanContext: Any = None
+_getrandbits = random.getrandbits
+
+
+def _fast_context_works() -> bool:
+    """Whether this version of the API lays its SpanContext out as :func:`_fast_context`
+    assumes (checked once, against the real constructor)."""
+    global _SpanContext
+    from opentelemetry.trace import SpanContext, TraceFlags, TraceState
+
+    _SpanContext = SpanContext
+    flags, state = TraceFlags(TraceFlags.SAMPLED), TraceState([("k", "v")])
+    try:
+        fast = _fast_context(0xABC, 0xDEF, flags, state)
+        real = SpanContext(0xABC, 0xDEF, False, flags, state)
+    except Exception:
+        return False
+    return bool(isinstance(real, tuple) and fast == real and type(fast) is type(real)
+                and fast.trace_id == 0xABC and fast.span_id == 0xDEF and not fast.is_remote
+                and fast.trace_flags == flags and fast.trace_state is state and fast.is_valid)
 
 
 class _OpenRun:
@@ -427,8 +535,8 @@ class _OpenRun:
     def __init__(self, direct: _Direct, name: str, parent: SpanContext,
                  attrs: dict[str, Any]) -> None:
         self.direct, self.name, self.parent, self.attrs = direct, name, parent, attrs
-        self.context: SpanContext = direct.context_type(
-            parent.trace_id, direct.new_id(), False, parent.trace_flags, parent.trace_state)
+        self.context: SpanContext = direct.make_context(
+            parent.trace_id, direct.new_id(), parent.trace_flags, parent.trace_state)
         self.current = direct.non_recording(self.context)
         self.status: Any = direct.unset
         self.start = time.time_ns()

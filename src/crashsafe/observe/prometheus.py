@@ -140,31 +140,30 @@ class Counters(_instrument.Sink):
             self._add("recovery_dead_letters", (), dead_lettered)
 
     def committed(self, run: Run, ops: Sequence[Op], t0: int, t1: int) -> None:
-        if len(ops) == 1:
-            e = ops[0]
-            if type(e) is JournalEntry and e.kind == "step" and e.error is None \
-                    and e.note is None and e.attempts:
-                with self._lock:
-                    self._ok_step(run.name, e, (t1 + run.offset_ns) / 1e9)
-                return
-        with self._lock:
-            self._committed(run, ops, t0, t1)
+        self.committed_many(run, [(ops, t0, t1)])
 
-    def _ok_step(self, name: str, e: JournalEntry, now: float) -> None:
-        """:meth:`_step` for a step that succeeded (nearly all: this runs once per step)."""
-        steps, attempts = self._steps, self._step_attempts
-        labels = (name, e.name, "ok")
-        steps[labels] = steps.get(labels, 0.0) + 1
-        pair = (name, e.name)
-        attempts[pair] = attempts.get(pair, 0.0) + e.attempts
-        cells = self._durations.get(pair)
-        if cells is None:
-            cells = self._durations[pair] = [0.0] * (len(LATENCY_BUCKETS) + 2)
-        took = now - e.started_at
-        if took < 0.0:
-            took = 0.0
-        cells[bisect.bisect_left(LATENCY_BUCKETS, took)] += 1
-        cells[-1] += took
+    def committed_many(self, run: Run, commits: Sequence[_instrument.Commit]) -> None:
+        name, offset = run.name, run.offset_ns
+        steps, attempts, durations = self._steps, self._step_attempts, self._durations
+        with self._lock:
+            for ops, t0, t1 in commits:
+                if len(ops) != 1 or type(e := ops[0]) is not JournalEntry or e.kind != "step" \
+                        or e.error is not None or e.note is not None or not e.attempts:
+                    self._committed(run, ops, t0, t1)
+                    continue
+                # A step that succeeded (nearly all): _step, inline.
+                labels = (name, e.name, "ok")
+                steps[labels] = steps.get(labels, 0.0) + 1
+                pair = (name, e.name)
+                attempts[pair] = attempts.get(pair, 0.0) + e.attempts
+                cells = durations.get(pair)
+                if cells is None:
+                    cells = durations[pair] = [0.0] * (len(LATENCY_BUCKETS) + 2)
+                took = (t1 + offset) / 1e9 - e.started_at  # on the store's clock
+                if took < 0.0:
+                    took = 0.0
+                cells[bisect.bisect_left(LATENCY_BUCKETS, took)] += 1
+                cells[-1] += took
 
     def _committed(self, run: Run, ops: Sequence[Op], t0: int, t1: int) -> None:
         name = run.name
