@@ -103,7 +103,7 @@ class _Observed:
             self.provider.force_flush()
             out.update(spans=self.exporter.spans, step_spans=self.exporter.steps)
         if self.counters is not None:
-            out["counted_steps"] = sum(self.counters.counts["steps"].values())
+            out["counted_steps"] = sum(self.counters.snapshot()[0]["steps"].values())
         if self.handler is not None:
             self.handler.flush()
             with open(self.log_path, encoding="utf-8") as f:

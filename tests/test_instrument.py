@@ -738,7 +738,7 @@ def test_many_steps_are_reported_in_order_once_each_across_batches(
                for s in steps)
     assert all(s.start_time is not None and s.end_time is not None
                and s.start_time <= s.end_time for s in steps)
-    assert counting.counts["steps"][("many_wf", "many_s", "ok")] == n
+    assert counting.snapshot()[0]["steps"][("many_wf", "many_s", "ok")] == n
 
 
 def test_a_slow_step_does_not_hold_back_the_report_of_the_steps_before_it(
@@ -769,7 +769,7 @@ def test_a_slow_step_does_not_hold_back_the_report_of_the_steps_before_it(
         while len([s for s in _spans(exporter) if s.name == "step quick_s"]) < 2:
             assert time.monotonic() < deadline, [s.name for s in _spans(exporter)]
             time.sleep(0.02)
-        assert counting.counts["steps"][("held_wf", "quick_s", "ok")] == 2
+        assert counting.snapshot()[0]["steps"][("held_wf", "quick_s", "ok")] == 2
         assert not any(s.name == "workflow held_wf" for s in _spans(exporter))
     finally:
         gate.set()
@@ -845,3 +845,34 @@ def test_json_formatter_times_secrets_and_odd_values() -> None:
     odd = line(1_700_000_000.0, "ok", thing=Odd(), numbers=(1, 2), count=3)
     assert odd["thing"].startswith("odd") and "abcdef123456" not in odd["thing"]
     assert odd["numbers"] == [1, 2] and odd["count"] == 3
+
+
+def test_counters_merge_plain_and_retried_results_of_one_step(
+        tmp_path: Path, counting: prometheus.Counters) -> None:
+    app = App(f"sqlite:///{tmp_path / 'merge.db'}", tracing=False)
+    calls = {"n": 0}
+
+    @app.step(retry=FAST, name="mixed_s")
+    def mixed_s(i: int) -> int:
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second call's first attempt fails, once
+            raise TimeoutError("slow")
+        return i
+
+    @app.workflow(name="mixed_wf")
+    def mixed_wf() -> int:
+        return sum(mixed_s(i) for i in range(3))
+
+    assert app.start(mixed_wf, workflow_id="X-1").result(timeout=10) == 3
+    body, _ = prometheus.exposition(app.store)
+    app.close()
+    m = _samples(body)
+    assert _get(m, "crashsafe_steps_total", workflow="mixed_wf", step="mixed_s",
+                outcome="ok") == 3
+    assert _get(m, "crashsafe_step_attempts_total", workflow="mixed_wf", step="mixed_s") == 4
+    assert _get(m, "crashsafe_step_duration_seconds_count", workflow="mixed_wf",
+                step="mixed_s") == 3
+    assert _get(m, "crashsafe_step_duration_seconds_bucket", workflow="mixed_wf",
+                step="mixed_s", le="+Inf") == 3
+    assert _get(m, "crashsafe_attempt_failures_total", workflow="mixed_wf", step="mixed_s",
+                failure_class="timeout") == 1

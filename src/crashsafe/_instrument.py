@@ -20,12 +20,15 @@ one step's result and nothing else (nearly all of them) waits for company: it is
 reported with the next ones, :data:`BATCH` at most, when anything else commits, or
 when the run ends. One pass over many records costs far less than one call chain per
 record, which is what keeps observability within its overhead budget (see
-docs/benchmarks.md). So that a slow step does not hold back the report of the quick
-ones before it, a reporting thread looks every ``SWEEP_S / 2`` seconds and reports the
-commits that have waited longer than :data:`SWEEP_S`. Otherwise no thread of ours
-does the work: it would share the interpreter lock with the workflows, and did not
-make sequential workflows faster (one back from its fsync waited for the lock) and
-made async ones slower (it took the lock from the event loop). Exporting spans stays
+docs/benchmarks.md). None waits much longer than :data:`SWEEP_S`: the run's next
+commit after that reports it, and so that a slow step does not hold back the report
+of the quick ones before it, a reporting thread looks every ``SWEEP_S / 2`` seconds
+for runs that have not committed for that long, and reports their commits. Otherwise
+no thread of ours does the work: it would share the interpreter lock with the
+workflows, and did not make sequential workflows faster (one back from its fsync
+waited for the lock) and made async ones slower (it took the lock from the event
+loop; handing it the commits of busy runs cost async workflows 15 % of their
+throughput). Exporting spans stays
 off the workflow's thread: that is the job of the OpenTelemetry SDK's
 ``BatchSpanProcessor``.
 """
@@ -52,7 +55,9 @@ log = logging.getLogger("crashsafe")
 BATCH = 32
 """Step-result commits of one run reported together, at most."""
 SWEEP_S = 0.2
-"""Commits waiting longer than this are reported by the reporting thread."""
+"""A commit is reported at the latest by the run's next commit after it has waited
+this long, or by the reporting thread when the run has not committed for this long."""
+_SWEEP_NS = int(SWEEP_S * 1e9)
 
 Commit = tuple[Sequence["Op"], int, int]
 """``(ops, t0, t1)``: what one commit wrote, and when it began and returned."""
@@ -80,7 +85,11 @@ class Sink:
 
     def committed_many(self, run: Run, commits: Sequence[Commit]) -> None:
         """Several commits of ``run``, oldest first: what the engine calls. By default
-        :meth:`committed` once per commit; override it to save the calls."""
+        :meth:`committed` once per commit; override it to save the calls.
+
+        Every commit but the last holds exactly one :class:`JournalEntry`: the result of
+        a step that succeeded, with no note (:func:`plain`); anything else is reported
+        as soon as it is committed."""
         for ops, t0, t1 in commits:
             self.committed(run, ops, t0, t1)
 
@@ -185,10 +194,12 @@ class Run:
         commit happened, whatever reporting it does. A lone step result waits for the
         next commits (see the module); anything else is reported at once."""
         pending = self.pending
-        pending.append((ops, t0, time.time_ns()))
-        if len(ops) == 1 and len(pending) < BATCH:
+        t1 = time.time_ns()
+        pending.append((ops, t0, t1))
+        if len(ops) == 1 and len(pending) < BATCH and t1 - pending[0][2] < _SWEEP_NS:
             e = ops[0]
-            if type(e) is JournalEntry and e.error is None and e.kind == "step":
+            if type(e) is JournalEntry and e.error is None and e.note is None \
+                    and e.kind == "step":
                 if len(pending) == 1:
                     with _waiting_lock:
                         _waiting.add(self)
@@ -213,10 +224,10 @@ class Run:
                 except Exception:
                     _failed("a commit")
             try:
-                for ops, t0, t1 in commits:
-                    if self.debug or len(ops) != 1 or type(e := ops[0]) is not JournalEntry \
-                            or e.kind != "step" or e.error is not None:
-                        self._log_commit(ops, t1 - t0)
+                # Only the last can be more than a step's plain result (any other commit
+                # is reported at once), and a plain result is logged only when debugging.
+                for ops, t0, t1 in (commits if self.debug else commits[-1:]):
+                    self._log_commit(ops, t1 - t0)
             except Exception:
                 _failed("a commit")
 
@@ -290,6 +301,15 @@ _ENDED = {
 }
 
 
+def plain(ops: Sequence[Op]) -> bool:
+    """Whether a commit holds a step's plain result only: what waits for company."""
+    if len(ops) != 1:
+        return False
+    e = ops[0]
+    return type(e) is JournalEntry and e.error is None and e.note is None \
+        and e.kind == "step"
+
+
 _waiting: set[Run] = set()
 """Runs with commits not reported yet; the reporting thread looks at them."""
 _waiting_lock = threading.Lock()
@@ -298,8 +318,10 @@ _sweeper_lock = threading.Lock()
 
 
 def _sweep() -> None:
-    """The reporting thread: report commits that waited longer than :data:`SWEEP_S`
-    (their run is busy in a slow step, or blocked)."""
+    """The reporting thread: report the waiting commits of runs that have not committed
+    for :data:`SWEEP_S` (busy in a slow step, or blocked). A run that commits reports
+    its own (see :meth:`Run.committed`): this thread would take the interpreter lock
+    from it."""
     while True:
         time.sleep(SWEEP_S / 2)
         limit = time.time_ns() - int(SWEEP_S * 1e9)
@@ -307,10 +329,10 @@ def _sweep() -> None:
             runs = list(_waiting)
         for run in runs:
             try:
-                oldest = run.pending[0][2]
+                newest = run.pending[-1][2]
             except IndexError:
                 continue
-            if oldest <= limit:
+            if newest <= limit:
                 run.flush()
 
 

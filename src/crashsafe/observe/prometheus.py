@@ -97,7 +97,8 @@ class Counters(_instrument.Sink):
     """In-process counters fed by the engine's hooks (see :func:`instrument`).
 
     Plain dicts under one lock, taken once per hook call (not per increment) and by a
-    scrape while it copies them; turned into Prometheus families only when scraped.
+    scrape while it copies them (:meth:`snapshot`); turned into Prometheus families
+    only when scraped.
     """
 
     def __init__(self) -> None:
@@ -110,9 +111,9 @@ class Counters(_instrument.Sink):
         self.registry = pc.CollectorRegistry(auto_describe=False)
         self.registry.register(self)
         self._lock = threading.Lock()
-        self._steps = self.counts["steps"]
-        self._step_attempts = self.counts["step_attempts"]
-        self._durations = self.histograms["step_duration_seconds"]
+        self._ok: dict[tuple[str, str], list[float]] = {}
+        """Steps that succeeded, per (workflow, step): count, attempts, each bucket's
+        count and the sum of their durations (see :meth:`_plain`)."""
 
     def _add(self, name: str, labels: tuple[str, ...], amount: float = 1.0) -> None:
         series = self.counts[name]
@@ -140,30 +141,61 @@ class Counters(_instrument.Sink):
             self._add("recovery_dead_letters", (), dead_lettered)
 
     def committed(self, run: Run, ops: Sequence[Op], t0: int, t1: int) -> None:
-        self.committed_many(run, [(ops, t0, t1)])
+        with self._lock:
+            if _instrument.plain(ops):
+                self._plain(run, [(ops, t0, t1)])
+            else:
+                self._committed(run, ops, t0, t1)
 
     def committed_many(self, run: Run, commits: Sequence[_instrument.Commit]) -> None:
-        name, offset = run.name, run.offset_ns
-        steps, attempts, durations = self._steps, self._step_attempts, self._durations
+        *plain, (ops, t0, t1) = commits  # all plain step results but the last (see Sink)
         with self._lock:
-            for ops, t0, t1 in commits:
-                if len(ops) != 1 or type(e := ops[0]) is not JournalEntry or e.kind != "step" \
-                        or e.error is not None or e.note is not None or not e.attempts:
-                    self._committed(run, ops, t0, t1)
-                    continue
-                # A step that succeeded (nearly all): _step, inline.
-                labels = (name, e.name, "ok")
-                steps[labels] = steps.get(labels, 0.0) + 1
-                pair = (name, e.name)
-                attempts[pair] = attempts.get(pair, 0.0) + e.attempts
-                cells = durations.get(pair)
-                if cells is None:
-                    cells = durations[pair] = [0.0] * (len(LATENCY_BUCKETS) + 2)
-                took = (t1 + offset) / 1e9 - e.started_at  # on the store's clock
-                if took < 0.0:
-                    took = 0.0
-                cells[bisect.bisect_left(LATENCY_BUCKETS, took)] += 1
-                cells[-1] += took
+            if plain:
+                self._plain(run, plain)
+            if _instrument.plain(ops):
+                self._plain(run, [(ops, t0, t1)])
+            else:
+                self._committed(run, ops, t0, t1)
+
+    def _plain(self, run: Run, commits: Sequence[_instrument.Commit]) -> None:
+        """Steps that succeeded (nearly all): one cell per workflow and step name for
+        their three series, folded into the others when scraped. Lock held."""
+        name, offset, cells = run.name, run.offset_ns, self._ok
+        for ops, _, t1 in commits:
+            e: Any = ops[0]
+            cell = cells.get((name, e.name))
+            if cell is None:
+                cell = cells[(name, e.name)] = [0.0] * (len(LATENCY_BUCKETS) + 4)
+            cell[0] += 1
+            if not e.attempts:  # recorded without running: no duration
+                continue
+            cell[1] += e.attempts
+            took = (t1 + offset) / 1e9 - e.started_at  # on the store's clock
+            if took > 0.0:
+                cell[2 + bisect.bisect_left(LATENCY_BUCKETS, took)] += 1
+                cell[-1] += took
+            else:
+                cell[2] += 1
+
+    def snapshot(self) -> tuple[dict[str, dict[tuple[str, ...], float]],
+                                dict[str, dict[tuple[str, ...], list[float]]]]:
+        """Copies of the counters and histograms (per label set: each bucket's count,
+        not cumulative, then the sum), as of now."""
+        with self._lock:  # the workflows do not write meanwhile
+            counts = {k: dict(v) for k, v in self.counts.items()}
+            histograms = {k: {lb: list(c) for lb, c in v.items()}
+                          for k, v in self.histograms.items()}
+            ok = {pair: list(cell) for pair, cell in self._ok.items()}
+        steps, attempts = counts["steps"], counts["step_attempts"]
+        durations = histograms["step_duration_seconds"]
+        for pair, cell in ok.items():
+            labels = (*pair, "ok")
+            steps[labels] = steps.get(labels, 0.0) + cell[0]
+            attempts[pair] = attempts.get(pair, 0.0) + cell[1]
+            into = durations.setdefault(pair, [0.0] * (len(LATENCY_BUCKETS) + 2))
+            for i, n in enumerate(cell[2:]):
+                into[i] += n
+        return counts, histograms
 
     def _committed(self, run: Run, ops: Sequence[Op], t0: int, t1: int) -> None:
         name = run.name
@@ -201,10 +233,7 @@ class Counters(_instrument.Sink):
     def collect(self) -> Iterator[Metric]:
         from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 
-        with self._lock:  # the workflows do not write meanwhile
-            counts = {k: dict(v) for k, v in self.counts.items()}
-            histograms = {k: {lb: list(c) for lb, c in v.items()}
-                          for k, v in self.histograms.items()}
+        counts, histograms = self.snapshot()
         for name, doc, labels in _COUNTERS:
             family = CounterMetricFamily(f"crashsafe_{name}", doc, labels=list(labels))
             for values, total in sorted(counts[name].items()):
