@@ -876,3 +876,41 @@ def test_counters_merge_plain_and_retried_results_of_one_step(
                 step="mixed_s", le="+Inf") == 3
     assert _get(m, "crashsafe_attempt_failures_total", workflow="mixed_wf", step="mixed_s",
                 failure_class="timeout") == 1
+
+
+def test_head_sampling_keeps_or_drops_a_workflow_whole(tmp_path: Path) -> None:
+    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(sampler=ParentBased(TraceIdRatioBased(0.5)))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    app = App(f"sqlite:///{tmp_path / 'sampled.db'}", tracing=provider)
+    tracer = provider.get_tracer("user code")
+    inner: dict[str, bool] = {}
+
+    @app.step(name="s_step")
+    def s_step(i: int) -> int:
+        return i
+
+    @app.workflow(name="s_wf")
+    def s_wf(wid: str) -> int:
+        with tracer.start_as_current_span("user span") as span:
+            inner[wid] = span.is_recording()  # follows the workflow's decision
+        return s_step(1) + s_step(2)
+
+    ids = [f"S-{i}" for i in range(40)]
+    for wid in ids:
+        assert app.start(s_wf, wid, workflow_id=wid).result(timeout=10) == 3
+    stamps = {wid: parse_traceparent(stamped(app.get_workflow(wid).inputs)) for wid in ids}
+    app.close()
+    spans = _spans(exporter)
+    by_trace: dict[int, list[str]] = {}
+    for s in spans:
+        by_trace.setdefault(_ids(s)[0], []).append(s.name)
+    kept = {wid for wid, sc in stamps.items() if sc is not None and sc.trace_flags.sampled}
+    assert 0 < len(kept) < len(ids)  # 2**-40 odds of either failing by chance
+    assert len(by_trace) == len(kept)
+    for names in by_trace.values():  # each kept workflow whole, and nothing else
+        assert sorted(names) == ["start s_wf", "step s_step", "step s_step", "user span",
+                                 "workflow s_wf"]
+    assert {wid for wid, recording in inner.items() if recording} == kept

@@ -370,7 +370,10 @@ def _begin(app: App, rec: WorkflowRecord, resumed: int) -> Run | None:
     run = Run(app, rec, resumed, sinks)
     if tracing is not None:
         run.tracing = tracing
-        tracing.begin(run, rec.inputs)
+        if not tracing.begin(run, rec.inputs):  # not sampled: its span only made current
+            sinks = run.sinks = _sinks
+            if not sinks and not log.isEnabledFor(logging.INFO):
+                return run
     if sinks:
         _feed(sinks, "the start of a run", "run_started", run)
     if resumed:

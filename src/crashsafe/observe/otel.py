@@ -72,13 +72,18 @@ _FAILED = frozenset({"error", "dead_letter", "store_error"})
 
 
 def _api() -> Any:
+    global _trace_module
     try:
         from opentelemetry import trace
     except ImportError as exc:
         raise ConfigurationError(
             f"tracing needs the OpenTelemetry packages: {EXTRA} (or pass "
             "App(tracing=False))") from exc
+    _trace_module = trace
     return trace
+
+
+_trace_module: Any = None
 
 
 def auto_provider() -> TracerProvider | None:
@@ -131,11 +136,14 @@ def parse_traceparent(value: str | None) -> SpanContext | None:
         trace_id, span_id, flags = int(parts[1], 16), int(parts[2], 16), int(parts[3], 16)
     except ValueError:
         return None
-    if not trace_id or not span_id:
+    if not trace_id or not span_id or trace_id >> 128 or span_id >> 64 or flags > 0xFF:
         return None
-    trace = _api()
-    return trace.SpanContext(trace_id, span_id, is_remote=True,  # type: ignore[no-any-return]
-                             trace_flags=trace.TraceFlags(flags))
+    trace = _trace_module or _api()
+    return _new_tuple(trace.SpanContext,  # type: ignore[no-any-return]
+                      (trace_id, span_id, True, trace.TraceFlags(flags),
+                       trace.DEFAULT_TRACE_STATE, True)) if _fast_layout \
+        else trace.SpanContext(trace_id, span_id, is_remote=True,
+                               trace_flags=trace.TraceFlags(flags))
 
 
 # -- the tracer -----------------------------------------------------------------------------
@@ -189,9 +197,17 @@ class Tracing(Sink):
     def detach(self, token: Any) -> None:
         self._context.detach(token)
 
-    def begin(self, run: Run, inputs: bytes) -> None:
-        """Open the run's ``workflow`` span, a child of the stamped ``start`` span."""
+    def begin(self, run: Run, inputs: bytes) -> bool:
+        """Open the run's ``workflow`` span, a child of the stamped ``start`` span.
+        False when it is not sampled (nor will any span of the run be)."""
         parent = parse_traceparent(stamped(inputs))
+        if parent is not None and not parent.trace_flags.sampled and self._direct is not None:
+            # Sampled out at its start (a parent-based sampler follows that decision):
+            # only a context to make current, so spans the workflow's code opens follow it.
+            run.span = _OpenRun(self._direct, "", parent, {})
+            sc = run.span.context
+            run.set_trace(f"{sc.trace_id:032x}", f"{sc.span_id:016x}")
+            return False
         attrs: dict[str, Any] = {
             "crashsafe.workflow.id": run.workflow_id,
             "crashsafe.workflow.name": run.name,
@@ -215,6 +231,7 @@ class Tracing(Sink):
         sc = span.get_span_context()
         if sc.is_valid:
             run.set_trace(f"{sc.trace_id:032x}", f"{sc.span_id:016x}")
+        return True
 
     # On the workflow's thread, after each commit ---------------------------------------
     def committed(self, run: Run, ops: Sequence[Op], t0: int, t1: int) -> None:
@@ -512,19 +529,30 @@ _getrandbits = random.getrandbits
 def _fast_context_works() -> bool:
     """Whether this version of the API lays its SpanContext out as :func:`_fast_context`
     assumes (checked once, against the real constructor)."""
-    global _SpanContext
-    from opentelemetry.trace import SpanContext, TraceFlags, TraceState
+    global _SpanContext, _fast_layout
+    if _SpanContext is not None:
+        return _fast_layout
+    from opentelemetry.trace import DEFAULT_TRACE_STATE, SpanContext, TraceFlags, TraceState
 
-    _SpanContext = SpanContext
     flags, state = TraceFlags(TraceFlags.SAMPLED), TraceState([("k", "v")])
     try:
-        fast = _fast_context(0xABC, 0xDEF, flags, state)
+        fast = _new_tuple(SpanContext, (0xABC, 0xDEF, False, flags, state, True))
         real = SpanContext(0xABC, 0xDEF, False, flags, state)
+        remote = _new_tuple(SpanContext, (1, 2, True, flags, DEFAULT_TRACE_STATE, True))
+        real_remote = SpanContext(1, 2, is_remote=True, trace_flags=flags)
     except Exception:
-        return False
-    return bool(isinstance(real, tuple) and fast == real and type(fast) is type(real)
-                and fast.trace_id == 0xABC and fast.span_id == 0xDEF and not fast.is_remote
-                and fast.trace_flags == flags and fast.trace_state is state and fast.is_valid)
+        works = False
+    else:
+        works = bool(isinstance(real, tuple) and fast == real and type(fast) is type(real)
+                     and fast.trace_id == 0xABC and fast.span_id == 0xDEF
+                     and not fast.is_remote and fast.trace_flags == flags
+                     and fast.trace_state is state and fast.is_valid
+                     and remote == real_remote and remote.is_remote)
+    _fast_layout, _SpanContext = works, SpanContext
+    return works
+
+
+_fast_layout = False
 
 
 class _OpenRun:
