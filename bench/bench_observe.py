@@ -127,10 +127,12 @@ def _done(args: argparse.Namespace, started: tuple[float, float],
     elapsed = time.perf_counter() - started[0]
     cpu = time.process_time() - started[1]  # every thread of the process
     steps = args.workflows * args.steps
+    transactions = app._committer.transactions
     app.close()
     result: h.JsonDict = {"elapsed_s": elapsed, "steps": steps, "steps_per_s": steps / elapsed,
                           "us_per_step": elapsed / steps * 1e6,
-                          "cpu_us_per_step": cpu / steps * 1e6}
+                          "cpu_us_per_step": cpu / steps * 1e6,
+                          "steps_per_transaction": steps / max(1, transactions)}
     if observed is not None:
         result.update(observed.produced())
         if "trace" in observed.parts:
