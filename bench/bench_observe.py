@@ -138,8 +138,9 @@ def _done(args: argparse.Namespace, started: tuple[float, float],
         if "trace" in observed.parts:
             assert result["step_spans"] == steps, result
         if "trace10" in observed.parts:  # whole workflows, about one in ten
-            assert 0 < result["step_spans"] < steps / 3, result
             assert result["step_spans"] % args.steps == 0, result
+            if args.workflows >= 100:
+                assert 0 < result["step_spans"] < steps / 3, result
         if "metrics" in observed.parts:
             assert result["counted_steps"] == steps, result
         if "logs" in observed.parts:  # one per workflow at INFO

@@ -914,3 +914,27 @@ def test_head_sampling_keeps_or_drops_a_workflow_whole(tmp_path: Path) -> None:
         assert sorted(names) == ["start s_wf", "step s_step", "step s_step", "user span",
                                  "workflow s_wf"]
     assert {wid for wid, recording in inner.items() if recording} == kept
+
+
+def test_a_transactional_step_has_its_span_and_is_counted(
+        traced: tuple[App, InMemorySpanExporter], counting: prometheus.Counters) -> None:
+    app, exporter = traced
+
+    @app.transaction(name="book_t")
+    def book_t(db: crashsafe.TransactionConnection, n: int) -> int:
+        db.execute("CREATE TABLE IF NOT EXISTS booked (n INT)")
+        db.execute("INSERT INTO booked VALUES (?)", (n,))
+        return n
+
+    @app.workflow(name="booking_wf")
+    def booking_wf() -> int:
+        return book_t(1) + book_t(2)
+
+    assert app.start(booking_wf, workflow_id="B-1").result(timeout=10) == 3
+    app.close()
+    spans = _spans(exporter)
+    run = _one(spans, "workflow booking_wf")
+    steps = [s for s in spans if s.name == "step book_t"]
+    assert [s.attributes["crashsafe.step.index"] for s in steps] == [0, 1]  # type: ignore[index]
+    assert all(_parent(s) == _ids(run)[1] for s in steps)
+    assert counting.snapshot()[0]["steps"][("booking_wf", "book_t", "ok")] == 2

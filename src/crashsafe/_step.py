@@ -485,8 +485,12 @@ class Step(Generic[P, R]):
             made.append(entry)
             return entry
 
+        t0 = time.time_ns()
         value: R = transact(work, record)
-        # Committed with the step's writes, not through ctx.commit: note it the same way.
+        # Committed with the step's writes, not through ctx.commit: note and report it
+        # the same way.
+        if ctx.instrument is not None:
+            ctx.instrument.committed(made[-1:], t0)
         ctx._note_committed(made[-1:])
         return value
 
