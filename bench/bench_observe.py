@@ -11,6 +11,8 @@ Cases (``seq_*``: one workflow at a time; ``async_*``: 100 async workflows at on
 * ``sampled``: as ``on``, with head sampling of one workflow in ten
   (``ParentBased(TraceIdRatioBased(0.1))``): a sampled workflow has all its spans,
   the others none.
+* ``unsampled``: as ``sampled``, with every workflow sampled out (what the nine in
+  ten that make no span still cost).
 * ``all``: ``on`` plus JSON log lines at INFO written to a file.
 * ``trace``, ``metrics``, ``logs``: one part alone, to see what each costs.
 
@@ -78,13 +80,15 @@ class _Observed:
         self.parts = parts
         self.exporter = Counting()
         self.provider: Any = None
-        if "trace" in parts or "trace10" in parts:
+        ratio = 0.1 if "trace10" in parts else 0.0 if "trace0" in parts else None
+        if "trace" in parts or ratio is not None:
             from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
             # "trace10": head sampling of 1 workflow in 10, decided at its start span and
-            # followed by all its spans (the usual production setting for busy services)
-            self.provider = TracerProvider(sampler=ParentBased(TraceIdRatioBased(0.1))) \
-                if "trace10" in parts else TracerProvider()
+            # followed by all its spans (the usual production setting for busy services);
+            # "trace0": every workflow sampled out (what the other nine cost)
+            self.provider = TracerProvider(sampler=ParentBased(TraceIdRatioBased(ratio))) \
+                if ratio is not None else TracerProvider()
             self.provider.add_span_processor(BatchSpanProcessor(self.exporter,
                                                                 max_queue_size=1 << 20))
         self.counters = prometheus.instrument() if "metrics" in parts else None
@@ -137,6 +141,8 @@ def _done(args: argparse.Namespace, started: tuple[float, float],
         result.update(observed.produced())
         if "trace" in observed.parts:
             assert result["step_spans"] == steps, result
+        if "trace0" in observed.parts:
+            assert result["spans"] == 0, result
         if "trace10" in observed.parts:  # whole workflows, about one in ten
             assert result["step_spans"] % args.steps == 0, result
             if args.workflows >= 100:
@@ -206,6 +212,7 @@ PARTS = {
     "off": frozenset(),
     "on": frozenset({"trace", "metrics"}),
     "sampled": frozenset({"trace10", "metrics"}),
+    "unsampled": frozenset({"trace0", "metrics"}),
     "all": frozenset({"trace", "metrics", "logs"}),
     "trace": frozenset({"trace"}),
     "metrics": frozenset({"metrics"}),

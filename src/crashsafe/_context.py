@@ -294,7 +294,7 @@ class WorkflowContext:
         if obs is None:
             self.app._committer.commit(ops)
         else:
-            t0 = time.time_ns()
+            t0 = _now_ns()
             self.app._committer.commit(ops)
             obs.committed(ops, t0)
         self._note_committed(ops)
@@ -318,7 +318,7 @@ class WorkflowContext:
         if obs is None:
             await self.app._committer.commit_async(ops)
         else:
-            t0 = time.time_ns()
+            t0 = _now_ns()
             await self.app._committer.commit_async(ops)
             obs.committed(ops, t0)
         self._note_committed(ops)
@@ -329,6 +329,7 @@ def _resolve(fut: asyncio.Future[None]) -> None:
         fut.set_result(None)
 
 
+_now_ns = time.time_ns
 _WORKFLOW: ContextVar[WorkflowContext | None] = ContextVar("crashsafe_workflow", default=None)
 _STEP: ContextVar[Current | None] = ContextVar("crashsafe_step", default=None)
 

@@ -58,6 +58,7 @@ SWEEP_S = 0.2
 """A commit is reported at the latest by the run's next commit after it has waited
 this long, or by the reporting thread when the run has not committed for this long."""
 _SWEEP_NS = int(SWEEP_S * 1e9)
+_now_ns = time.time_ns
 
 Commit = tuple[Sequence["Op"], int, int]
 """``(ops, t0, t1)``: what one commit wrote, and when it began and returned."""
@@ -194,7 +195,7 @@ class Run:
         commit happened, whatever reporting it does. A lone step result waits for the
         next commits (see the module); anything else is reported at once."""
         pending = self.pending
-        t1 = time.time_ns()
+        t1 = _now_ns()
         pending.append((ops, t0, t1))
         if len(ops) == 1 and len(pending) < BATCH and t1 - pending[0][2] < _SWEEP_NS:
             e = ops[0]
@@ -210,7 +211,8 @@ class Run:
         """Report the commits not reported yet. Never raises."""
         with self.lock:
             pending = self.pending
-            commits = [pending.popleft() for _ in range(len(pending))]
+            take = pending.popleft  # not a copy and clear: a commit may append meanwhile
+            commits = [take() for _ in range(len(pending))]
             with _waiting_lock:  # one appended meanwhile waits for the next flush
                 if pending:
                     _waiting.add(self)

@@ -111,8 +111,8 @@ class Counters(_instrument.Sink):
         self.registry = pc.CollectorRegistry(auto_describe=False)
         self.registry.register(self)
         self._lock = threading.Lock()
-        self._ok: dict[tuple[str, str], list[float]] = {}
-        """Steps that succeeded, per (workflow, step): count, attempts, each bucket's
+        self._ok: dict[str, dict[str, list[float]]] = {}
+        """Steps that succeeded, per workflow, per step: count, attempts, each bucket's
         count and the sum of their durations (see :meth:`_plain`)."""
 
     def _add(self, name: str, labels: tuple[str, ...], amount: float = 1.0) -> None:
@@ -160,19 +160,22 @@ class Counters(_instrument.Sink):
     def _plain(self, run: Run, commits: Sequence[_instrument.Commit]) -> None:
         """Steps that succeeded (nearly all): one cell per workflow and step name for
         their three series, folded into the others when scraped. Lock held."""
-        name, offset, cells = run.name, run.offset_ns, self._ok
+        offset, buckets, where = run.offset_ns, LATENCY_BUCKETS, bisect.bisect_left
+        cells = self._ok.get(run.name)
+        if cells is None:
+            cells = self._ok[run.name] = {}
         for ops, _, t1 in commits:
             e: Any = ops[0]
-            cell = cells.get((name, e.name))
+            cell = cells.get(e.name)
             if cell is None:
-                cell = cells[(name, e.name)] = [0.0] * (len(LATENCY_BUCKETS) + 4)
+                cell = cells[e.name] = [0.0] * (len(buckets) + 4)
             cell[0] += 1
             if not e.attempts:  # recorded without running: no duration
                 continue
             cell[1] += e.attempts
             took = (t1 + offset) / 1e9 - e.started_at  # on the store's clock
             if took > 0.0:
-                cell[2 + bisect.bisect_left(LATENCY_BUCKETS, took)] += 1
+                cell[2 + where(buckets, took)] += 1
                 cell[-1] += took
             else:
                 cell[2] += 1
@@ -185,7 +188,8 @@ class Counters(_instrument.Sink):
             counts = {k: dict(v) for k, v in self.counts.items()}
             histograms = {k: {lb: list(c) for lb, c in v.items()}
                           for k, v in self.histograms.items()}
-            ok = {pair: list(cell) for pair, cell in self._ok.items()}
+            ok = {(workflow, step): list(cell) for workflow, per in self._ok.items()
+                  for step, cell in per.items()}
         steps, attempts = counts["steps"], counts["step_attempts"]
         durations = histograms["step_duration_seconds"]
         for pair, cell in ok.items():
