@@ -198,7 +198,7 @@ class Run:
         t1 = _now_ns()
         pending.append((ops, t0, t1))
         if len(ops) == 1 and len(pending) < BATCH and t1 - pending[0][2] < _SWEEP_NS:
-            e = ops[0]
+            e = ops[0]  # plain(ops), inline: this runs for every step
             if type(e) is JournalEntry and e.error is None and e.note is None \
                     and e.kind == "step":
                 if len(pending) == 1:
@@ -367,7 +367,7 @@ def _begin(app: App, rec: WorkflowRecord, resumed: int) -> Run | None:
     sinks = _sinks if tracing is None else (*_sinks, tracing)
     if not sinks and not log.isEnabledFor(logging.INFO):
         return None
-    if _sweeper is None:
+    if _sweeper is None or not _sweeper.is_alive():  # not started, or lost to a fork
         _start_sweeper()
     run = Run(app, rec, resumed, sinks)
     if tracing is not None:
