@@ -286,4 +286,7 @@ def test_a_dead_workers_queued_workflow_goes_back_to_its_queue(make_app: AppFact
     assert [who for _, who, _, _ in log if who == bystander.executor_id] == []
     bystander.serve(["jobs"])
     assert handle.result(timeout=10) == "Y"
-    assert log[-1][1] == bystander.executor_id
+    # The doomed app's step body may still append its line after the bystander's
+    # (a simulated crash stops it at its next durable call, not mid-body): what
+    # matters is that the bystander ran the workflow.
+    assert bystander.executor_id in [who for _, who, _, _ in log]
