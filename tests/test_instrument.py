@@ -5,6 +5,7 @@ exposition (parsed with prometheus_client's own parser) and its server.
 
 from __future__ import annotations
 
+import bisect
 import io
 import json
 import logging
@@ -938,3 +939,48 @@ def test_a_transactional_step_has_its_span_and_is_counted(
     assert [s.attributes["crashsafe.step.index"] for s in steps] == [0, 1]  # type: ignore[index]
     assert all(_parent(s) == _ids(run)[1] for s in steps)
     assert counting.snapshot()[0]["steps"][("booking_wf", "book_t", "ok")] == 2
+
+
+def test_counters_fold_step_durations_in_bulk_as_one_at_a_time() -> None:
+    """Durations of steps that succeeded are gathered and turned into buckets in bulk
+    (Counters.steps, Counters._fold): the histogram, counts and attempts must be those
+    of observing each step on its own, across folds, bucket bounds, zero and negative
+    durations (clocks apart), retried steps and steps recorded without running."""
+    import random
+
+    rng = random.Random(11)
+    counters = prometheus.Counters()
+
+    class FakeRun:  # what Counters.steps reads of a run
+        name = "fold_wf"
+        offset_ns = 0
+
+    run: Any = FakeRun()
+    t1 = 1_700_000_000_000_000_000
+    picks = [*prometheus.LATENCY_BUCKETS, 0.0, -0.5, 1e-9, 301.0, 1e4]
+    expected = [0.0] * (len(prometheus.LATENCY_BUCKETS) + 2)
+    count = attempts = 0
+    for batch in range(3 * prometheus.FOLD // 32 + 7):  # folds on the way, and at snapshot
+        steps = []
+        for _ in range(32):
+            took = rng.choice(picks) if rng.random() < 0.3 else rng.uniform(0, 400)
+            tries = rng.choice([1] * 8 + [0, 3])
+            name = rng.choice(["a", "b"])
+            e = JournalEntry("w", batch, "step", name, b"1", None, tries, t1 / 1e9 - took)
+            steps.append((e, t1))
+            if name == "a":
+                count += 1
+                attempts += tries
+                if tries:
+                    took = (t1 / 1e9) - e.started_at  # as the float arithmetic makes it
+                    expected[bisect.bisect_left(prometheus.LATENCY_BUCKETS, took)] += 1
+                    expected[-1] += took if took > 0 else 0.0
+        counters.steps(run, steps)
+    counts, histograms = counters.snapshot()
+    assert counts["steps"][("fold_wf", "a", "ok")] == count
+    assert counts["step_attempts"][("fold_wf", "a")] == attempts
+    got = histograms["step_duration_seconds"][("fold_wf", "a")]
+    assert got[:-1] == expected[:-1]
+    assert got[-1] == pytest.approx(expected[-1], rel=1e-9)
+    assert sum(got[:-1]) < count  # those recorded without running have no duration
+    assert counters.snapshot() == (counts, histograms)  # a scrape changes nothing

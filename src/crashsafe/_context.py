@@ -293,6 +293,10 @@ class WorkflowContext:
         obs = self.instrument
         if obs is None:
             self.app._committer.commit(ops)
+        elif len(ops) == 1 and type(e := ops[0]) is JournalEntry and e.kind == "step" \
+                and e.error is None and e.note is None:  # _instrument.plain(), inline
+            self.app._committer.commit(ops)
+            obs.step(e)
         else:
             t0 = _now_ns()
             self.app._committer.commit(ops)
@@ -317,6 +321,10 @@ class WorkflowContext:
         obs = self.instrument
         if obs is None:
             await self.app._committer.commit_async(ops)
+        elif len(ops) == 1 and type(e := ops[0]) is JournalEntry and e.kind == "step" \
+                and e.error is None and e.note is None:  # _instrument.plain(), inline
+            await self.app._committer.commit_async(ops)
+            obs.step(e)
         else:
             t0 = _now_ns()
             await self.app._committer.commit_async(ops)

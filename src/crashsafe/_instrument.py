@@ -5,9 +5,11 @@ The engine calls in at four places, always about records it has just made durabl
 * a workflow run begins (:func:`begin`, from ``App._run``: a fresh start, or a run
   resumed after a crash, a suspension or a dequeue) and ends (:meth:`Run.end`, from
   ``App._finish``, with how the run ended);
-* every commit of a run (:meth:`Run.committed`, from ``WorkflowContext.commit``):
-  step results, attempt rows (start, failure class, planned delay), checkpoints,
-  sleeps and waits are all journal records, so what is reported is what is durable;
+* every commit of a run: :meth:`Run.step` for a step's plain result (one journal
+  entry, no error, no note: nearly every commit), :meth:`Run.committed` for anything
+  else (from ``WorkflowContext.commit``): attempt rows (start, failure class, planned
+  delay), checkpoints, sleeps and waits are all journal records, so what is reported
+  is what is durable;
 * a recovery sweep's claims (:func:`recovered`, from ``App.recover``).
 
 When nothing listens (no sink, the app does not trace, the ``crashsafe`` logger is
@@ -15,22 +17,20 @@ not enabled for INFO) :func:`begin` returns None, and a run costs the engine one
 ``is None`` test per commit.
 
 Log lines and the :class:`Sink` objects (OpenTelemetry spans, Prometheus counters)
-hear about a commit on the workflow's own thread, after the commit. A commit holding
-one step's result and nothing else (nearly all of them) waits for company: it is
-reported with the next ones, :data:`BATCH` at most, when anything else commits, or
-when the run ends. One pass over many records costs far less than one call chain per
-record, which is what keeps observability within its overhead budget (see
-docs/benchmarks.md). None waits much longer than :data:`SWEEP_S`: the run's next
-commit after that reports it, and so that a slow step does not hold back the report
-of the quick ones before it, a reporting thread looks every ``SWEEP_S / 2`` seconds
-for runs that have not committed for that long, and reports their commits. Otherwise
-no thread of ours does the work: it would share the interpreter lock with the
-workflows, and did not make sequential workflows faster (one back from its fsync
-waited for the lock) and made async ones slower (it took the lock from the event
-loop; handing it the commits of busy runs cost 100 async workflows at once about a
-tenth of their throughput). Exporting spans stays
-off the workflow's thread: that is the job of the OpenTelemetry SDK's
-``BatchSpanProcessor``.
+hear about a commit on the workflow's own thread, after the commit. A step's plain
+result waits for company: it is reported with the next ones, :data:`BATCH` at most,
+when anything else commits, or when the run ends. One pass over many records costs
+far less than one call chain per record, which is what keeps observability within
+its overhead budget (see docs/benchmarks.md). None waits much longer than
+:data:`SWEEP_S`: the run's next step after that reports it, and so that a slow step
+does not hold back the report of the quick ones before it, a reporting thread looks
+every ``SWEEP_S / 2`` seconds for runs that have not committed for that long, and
+reports their steps. Otherwise no thread of ours does the work: it would share the
+interpreter lock with the workflows, and did not make sequential workflows faster
+(one back from its fsync waited for the lock) and made async ones slower (it took the
+lock from the event loop; handing it the commits of busy runs cost 100 async
+workflows at once about a tenth of their throughput). Exporting spans stays off the
+workflow's thread: that is the job of the OpenTelemetry SDK's ``BatchSpanProcessor``.
 """
 
 from __future__ import annotations
@@ -60,8 +60,8 @@ this long, or by the reporting thread when the run has not committed for this lo
 _SWEEP_NS = int(SWEEP_S * 1e9)
 _now_ns = time.time_ns
 
-Commit = tuple[Sequence["Op"], int, int]
-"""``(ops, t0, t1)``: what one commit wrote, and when it began and returned."""
+Step = tuple[JournalEntry, int]
+"""``(entry, t1)``: a step's plain result, and when its commit returned."""
 
 
 class Sink:
@@ -81,18 +81,16 @@ class Sink:
     def run_started(self, run: Run) -> None:
         """A workflow run began in this process."""
 
+    def steps(self, run: Run, steps: Sequence[Step]) -> None:
+        """Steps of ``run`` that succeeded, oldest first, each committed alone with no
+        note (:func:`plain`), and when its commit returned. By default
+        :meth:`committed` once per step (with ``t0 == t1``); override it to save the
+        calls. Anything else ``run`` commits is reported after them."""
+        for e, t1 in steps:
+            self.committed(run, (e,), t1, t1)
+
     def committed(self, run: Run, ops: Sequence[Op], t0: int, t1: int) -> None:
         """``ops`` were committed by ``run`` between ``t0`` and ``t1``."""
-
-    def committed_many(self, run: Run, commits: Sequence[Commit]) -> None:
-        """Several commits of ``run``, oldest first: what the engine calls. By default
-        :meth:`committed` once per commit; override it to save the calls.
-
-        Every commit but the last holds exactly one :class:`JournalEntry`: the result of
-        a step that succeeded, with no note (:func:`plain`); anything else is reported
-        as soon as it is committed."""
-        for ops, t0, t1 in commits:
-            self.committed(run, ops, t0, t1)
 
     def run_ended(self, run: Run, outcome: str, error: BaseException | None, at: int) -> None:
         """The run ended: ``ok``, ``error``, ``cancelled``, ``dead_letter``, ``aborted``
@@ -135,7 +133,7 @@ class Run:
     """One workflow run being reported (see the module documentation)."""
 
     __slots__ = ("app", "debug", "extra", "lock", "name", "offset_ns",
-                 "pending", "replayed", "resumed", "sinks", "span", "state", "token",
+                 "pending", "replayed", "resumed", "since", "sinks", "span", "state", "token",
                  "trace_id", "tracing", "version", "workflow_id")
 
     def __init__(self, app: App, rec: WorkflowRecord, resumed: int,
@@ -160,8 +158,12 @@ class Run:
         """The store's clock minus ours: records are stamped on the store's clock."""
         self.extra: dict[str, Any] = {"workflow_id": rec.id, "workflow": rec.name}
         self.debug = log.isEnabledFor(logging.DEBUG)
-        self.pending: deque[Commit] = deque()
-        """Commits not reported yet (appended without a lock: deques are thread-safe)."""
+        self.pending: deque[Step] = deque()
+        """Step results not reported yet (appended without a lock: deques are
+        thread-safe)."""
+        self.since = 0
+        """When the oldest of them was committed (roughly: the reporting thread may
+        take them meanwhile, which only makes the next report sooner)."""
         self.lock = threading.Lock()
         """Held while reporting, so one run's reports never overlap nor reorder."""
 
@@ -190,46 +192,64 @@ class Run:
             except Exception:
                 _failed("leaving a run's span")
 
-    def committed(self, ops: Sequence[Op], t0: int) -> None:
-        """``ops`` were just committed (on the workflow's thread). Never raises: the
-        commit happened, whatever reporting it does. A lone step result waits for the
-        next commits (see the module); anything else is reported at once."""
-        pending = self.pending
+    def step(self, e: JournalEntry) -> None:
+        """A step's plain result (:func:`plain`) was just committed, on the workflow's
+        thread. It waits for company (see the module). Never raises."""
         t1 = _now_ns()
-        pending.append((ops, t0, t1))
-        if len(ops) == 1 and len(pending) < BATCH and t1 - pending[0][2] < _SWEEP_NS:
-            e = ops[0]  # plain(ops), inline: this runs for every step
-            if type(e) is JournalEntry and e.error is None and e.note is None \
-                    and e.kind == "step":
-                if len(pending) == 1:
-                    with _waiting_lock:
-                        _waiting.add(self)
-                return
-        self.flush()
+        pending = self.pending
+        pending.append((e, t1))
+        n = len(pending)
+        if n == 1:
+            self.since = t1
+            with _waiting_lock:
+                _waiting.add(self)
+        elif n >= BATCH or t1 - self.since >= _SWEEP_NS:
+            self.flush()
 
-    def flush(self) -> None:
-        """Report the commits not reported yet. Never raises."""
+    def committed(self, ops: Sequence[Op], t0: int) -> None:
+        """``ops`` were just committed (on the workflow's thread): reported at once,
+        after the step results waiting. Never raises."""
+        if plain(ops):
+            self.step(ops[0])  # type: ignore[arg-type]
+            return
+        t1 = _now_ns()
         with self.lock:
-            pending = self.pending
-            take = pending.popleft  # not a copy and clear: a commit may append meanwhile
-            commits = [take() for _ in range(len(pending))]
-            with _waiting_lock:  # one appended meanwhile waits for the next flush
-                if pending:
-                    _waiting.add(self)
-                else:
-                    _waiting.discard(self)
-            if not commits:
-                return
+            self._flush()
             for sink in self.sinks:
                 try:
-                    sink.committed_many(self, commits)
+                    sink.committed(self, ops, t0, t1)
                 except Exception:
                     _failed("a commit")
             try:
-                # Only the last can be more than a step's plain result (any other commit
-                # is reported at once), and a plain result is logged only when debugging.
-                for ops, t0, t1 in (commits if self.debug else commits[-1:]):
-                    self._log_commit(ops, t1 - t0)
+                self._log_commit(ops, t1 - t0)
+            except Exception:
+                _failed("a commit")
+
+    def flush(self) -> None:
+        """Report the step results waiting. Never raises."""
+        with self.lock:
+            self._flush()
+
+    def _flush(self) -> None:
+        pending = self.pending
+        take = pending.popleft  # not a copy and clear: a step may append meanwhile
+        steps = [take() for _ in range(len(pending))]
+        with _waiting_lock:  # one appended meanwhile waits for the next flush
+            if pending:
+                _waiting.add(self)
+            else:
+                _waiting.discard(self)
+        if not steps:
+            return
+        for sink in self.sinks:
+            try:
+                sink.steps(self, steps)
+            except Exception:
+                _failed("a commit")
+        if self.debug:  # a step's plain result is logged only when debugging
+            try:
+                for e, _ in steps:
+                    self._log_commit((e,), 0)
             except Exception:
                 _failed("a commit")
 
@@ -331,7 +351,7 @@ def _sweep() -> None:
             runs = list(_waiting)
         for run in runs:
             try:
-                newest = run.pending[-1][2]
+                newest = run.pending[-1][1]
             except IndexError:
                 continue
             if newest <= limit:

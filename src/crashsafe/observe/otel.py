@@ -54,7 +54,7 @@ import msgspec
 
 from .. import __version__
 from .._errors import describe, recorded_class
-from .._instrument import Commit, Run, Sink
+from .._instrument import Run, Sink, Step
 from .._secrets import redact_text
 from ..exceptions import ConfigurationError, CrashsafeError
 from ..stores.base import AttemptRecord, JournalEntry
@@ -278,18 +278,18 @@ class Tracing(Sink):
                     "crashsafe.step.index": op.index,
                     "crashsafe.outcome": "error" if op.error else "ok"}, error=op.error)
 
-    def committed_many(self, run: Run, commits: Sequence[Commit]) -> None:
-        """:meth:`committed` for each, with the spans of steps that succeeded at once
-        (nearly all) made in one pass (see :class:`_Direct`)."""
+    def steps(self, run: Run, steps: Sequence[Step]) -> None:
+        """:meth:`committed` for each step, with the spans of those that succeeded at
+        once (nearly all) made in one pass (see :class:`_Direct`)."""
         st = run.state.get(self._key)
         if st is None:
             st = self._state(run)
         parent, direct = st.parent, self._direct
         if parent is None:
             return
-        if direct is None:
-            for ops, t0, t1 in commits:
-                self.committed(run, ops, t0, t1)
+        if direct is None or st.attempts or st.sleep is not None:
+            for e, t1 in steps:
+                self.committed(run, (e,), t1, t1)
             return
         ends = direct.ends()
         make, readable, new_id = direct.make_context, direct.span_type, direct.new_id
@@ -297,13 +297,7 @@ class Tracing(Sink):
         trace_id, flags, state = parent.trace_id, parent.trace_flags, parent.trace_state
         resource, kind, scope, unset = direct.resource, direct.kind, direct.scope, self._unset
         names, offset = self._step_names, run.offset_ns
-        for ops, t0, t1 in commits:
-            if len(ops) != 1 or type(e := ops[0]) is not JournalEntry or e.kind != "step" \
-                    or e.error is not None or e.note is not None or st.attempts \
-                    or st.sleep is not None:
-                self.committed(run, ops, t0, t1)
-                continue
-            # _plain_step, inline
+        for e, t1 in steps:  # _plain_step, inline
             name = names.get(e.name)
             if name is None:
                 name = self._step_name(e.name)
