@@ -961,13 +961,14 @@ def test_counters_fold_step_durations_in_bulk_as_one_at_a_time() -> None:
     expected = [0.0] * (len(prometheus.LATENCY_BUCKETS) + 2)
     count = attempts = 0
     for batch in range(3 * prometheus.FOLD // 32 + 7):  # folds on the way, and at snapshot
-        steps = []
+        entries, ends = [], []
         for _ in range(32):
             took = rng.choice(picks) if rng.random() < 0.3 else rng.uniform(0, 400)
             tries = rng.choice([1] * 8 + [0, 3])
             name = rng.choice(["a", "b"])
             e = JournalEntry("w", batch, "step", name, b"1", None, tries, t1 / 1e9 - took)
-            steps.append((e, t1))
+            entries.append(e)
+            ends.append(t1)
             if name == "a":
                 count += 1
                 attempts += tries
@@ -975,7 +976,7 @@ def test_counters_fold_step_durations_in_bulk_as_one_at_a_time() -> None:
                     took = (t1 / 1e9) - e.started_at  # as the float arithmetic makes it
                     expected[bisect.bisect_left(prometheus.LATENCY_BUCKETS, took)] += 1
                     expected[-1] += took if took > 0 else 0.0
-        counters.steps(run, steps)
+        counters.steps(run, entries, ends)
     counts, histograms = counters.snapshot()
     assert counts["steps"][("fold_wf", "a", "ok")] == count
     assert counts["step_attempts"][("fold_wf", "a")] == attempts

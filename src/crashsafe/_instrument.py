@@ -60,8 +60,6 @@ this long, or by the reporting thread when the run has not committed for this lo
 _SWEEP_NS = int(SWEEP_S * 1e9)
 _now_ns = time.time_ns
 
-Step = tuple[JournalEntry, int]
-"""``(entry, t1)``: a step's plain result, and when its commit returned."""
 
 
 class Sink:
@@ -81,12 +79,13 @@ class Sink:
     def run_started(self, run: Run) -> None:
         """A workflow run began in this process."""
 
-    def steps(self, run: Run, steps: Sequence[Step]) -> None:
+    def steps(self, run: Run, entries: Sequence[JournalEntry], ends: Sequence[int]) -> None:
         """Steps of ``run`` that succeeded, oldest first, each committed alone with no
-        note (:func:`plain`), and when its commit returned. By default
-        :meth:`committed` once per step (with ``t0 == t1``); override it to save the
-        calls. Anything else ``run`` commits is reported after them."""
-        for e, t1 in steps:
+        note (:func:`plain`), and when each commit returned (``ends[i]`` for
+        ``entries[i]``). By default :meth:`committed` once per step (with
+        ``t0 == t1``); override it to save the calls. Anything else ``run`` commits is
+        reported after them."""
+        for e, t1 in zip(entries, ends, strict=True):
             self.committed(run, (e,), t1, t1)
 
     def committed(self, run: Run, ops: Sequence[Op], t0: int, t1: int) -> None:
@@ -132,8 +131,8 @@ def _feed(sinks: Sequence[Sink], what: str, call: str, *args: Any) -> None:
 class Run:
     """One workflow run being reported (see the module documentation)."""
 
-    __slots__ = ("app", "debug", "extra", "lock", "name", "offset_ns",
-                 "pending", "replayed", "resumed", "since", "sinks", "span", "state", "token",
+    __slots__ = ("app", "debug", "ends", "extra", "lock", "name", "offset_ns", "pending",
+                 "replayed", "resumed", "since", "sinks", "span", "state", "token",
                  "trace_id", "tracing", "version", "workflow_id")
 
     def __init__(self, app: App, rec: WorkflowRecord, resumed: int,
@@ -158,9 +157,14 @@ class Run:
         """The store's clock minus ours: records are stamped on the store's clock."""
         self.extra: dict[str, Any] = {"workflow_id": rec.id, "workflow": rec.name}
         self.debug = log.isEnabledFor(logging.DEBUG)
-        self.pending: deque[Step] = deque()
+        self.pending: deque[JournalEntry] = deque()
         """Step results not reported yet (appended without a lock: deques are
         thread-safe)."""
+        self.ends: deque[int] = deque()
+        """When each one's commit returned. Kept apart (not in a tuple per step): with
+        many workflows at once they wait long enough to reach the garbage collector's
+        older generations, and one more tracked object per step made its collections
+        cost more than the rest of the metrics (see docs/benchmarks.md)."""
         self.since = 0
         """When the oldest of them was committed (roughly: the reporting thread may
         take them meanwhile, which only makes the next report sooner)."""
@@ -196,9 +200,10 @@ class Run:
         """A step's plain result (:func:`plain`) was just committed, on the workflow's
         thread. It waits for company (see the module). Never raises."""
         t1 = _now_ns()
-        pending = self.pending
-        pending.append((e, t1))
-        n = len(pending)
+        self.pending.append(e)
+        ends = self.ends
+        ends.append(t1)  # second: a flush takes as many entries as there are ends
+        n = len(ends)
         if n == 1:
             self.since = t1
             with _waiting_lock:
@@ -231,24 +236,25 @@ class Run:
             self._flush()
 
     def _flush(self) -> None:
-        pending = self.pending
-        take = pending.popleft  # not a copy and clear: a step may append meanwhile
-        steps = [take() for _ in range(len(pending))]
+        pending, ends = self.pending, self.ends
+        n = len(ends)  # not a copy and clear: a step may append meanwhile
+        entries = [pending.popleft() for _ in range(n)]
+        times = [ends.popleft() for _ in range(n)]
         with _waiting_lock:  # one appended meanwhile waits for the next flush
             if pending:
                 _waiting.add(self)
             else:
                 _waiting.discard(self)
-        if not steps:
+        if not n:
             return
         for sink in self.sinks:
             try:
-                sink.steps(self, steps)
+                sink.steps(self, entries, times)
             except Exception:
                 _failed("a commit")
         if self.debug:  # a step's plain result is logged only when debugging
             try:
-                for e, _ in steps:
+                for e in entries:
                     self._log_commit((e,), 0)
             except Exception:
                 _failed("a commit")
@@ -351,7 +357,7 @@ def _sweep() -> None:
             runs = list(_waiting)
         for run in runs:
             try:
-                newest = run.pending[-1][1]
+                newest = run.ends[-1]
             except IndexError:
                 continue
             if newest <= limit:

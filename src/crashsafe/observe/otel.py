@@ -54,7 +54,7 @@ import msgspec
 
 from .. import __version__
 from .._errors import describe, recorded_class
-from .._instrument import Run, Sink, Step
+from .._instrument import Run, Sink
 from .._secrets import redact_text
 from ..exceptions import ConfigurationError, CrashsafeError
 from ..stores.base import AttemptRecord, JournalEntry
@@ -278,7 +278,7 @@ class Tracing(Sink):
                     "crashsafe.step.index": op.index,
                     "crashsafe.outcome": "error" if op.error else "ok"}, error=op.error)
 
-    def steps(self, run: Run, steps: Sequence[Step]) -> None:
+    def steps(self, run: Run, entries: Sequence[JournalEntry], ends: Sequence[int]) -> None:
         """:meth:`committed` for each step, with the spans of those that succeeded at
         once (nearly all) made in one pass (see :class:`_Direct`)."""
         st = run.state.get(self._key)
@@ -288,16 +288,16 @@ class Tracing(Sink):
         if parent is None:
             return
         if direct is None or st.attempts or st.sleep is not None:
-            for e, t1 in steps:
+            for e, t1 in zip(entries, ends, strict=True):
                 self.committed(run, (e,), t1, t1)
             return
-        ends = direct.ends()
+        finish = direct.ends()
         make, readable, new_id = direct.make_context, direct.span_type, direct.new_id
         fast, context_type, bits = direct.fast, direct.context_type, _getrandbits
         trace_id, flags, state = parent.trace_id, parent.trace_flags, parent.trace_state
         resource, kind, scope, unset = direct.resource, direct.kind, direct.scope, self._unset
         names, offset = self._step_names, run.offset_ns
-        for e, t1 in steps:  # _plain_step, inline
+        for e, t1 in zip(entries, ends, strict=True):  # _plain_step, inline
             name = names.get(e.name)
             if name is None:
                 name = self._step_name(e.name)
@@ -312,7 +312,7 @@ class Tracing(Sink):
                 {"crashsafe.step.index": e.index, "crashsafe.step.name": e.name,
                  "crashsafe.step.attempts": e.attempts, "crashsafe.outcome": "ok"},
                 (), (), kind, None, unset, start, t1 if t1 > start else start, scope)
-            for end in ends:
+            for end in finish:
                 end(span)
 
     def _step_name(self, step: str) -> str:

@@ -148,7 +148,7 @@ class Counters(_instrument.Sink):
         with self._lock:
             self._committed(run, ops, t0, t1)
 
-    def steps(self, run: Run, steps: Sequence[_instrument.Step]) -> None:
+    def steps(self, run: Run, entries: Sequence[JournalEntry], ends: Sequence[int]) -> None:
         """Steps that succeeded (nearly all): for each, its duration is kept in a list
         per workflow and step name, and the lists are turned into counts and buckets
         in bulk, with the interpreter's sort and bisect (:meth:`_fold`): about a
@@ -158,7 +158,7 @@ class Counters(_instrument.Sink):
             took = self._took.get(run.name)
             if took is None:
                 took = self._took[run.name] = {}
-            for e, t1 in steps:
+            for e, t1 in zip(entries, ends, strict=True):
                 durations = took.get(e.name)
                 if durations is None:
                     durations = self._cell(run.name, e.name)
