@@ -36,6 +36,7 @@ workflow's thread: that is the job of the OpenTelemetry SDK's ``BatchSpanProcess
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -209,7 +210,8 @@ class Run:
             with _waiting_lock:
                 _waiting.add(self)
         elif n >= BATCH or t1 - self.since >= _SWEEP_NS:
-            self.flush()
+            with self.lock:
+                self._flush(True)
 
     def committed(self, ops: Sequence[Op], t0: int) -> None:
         """``ops`` were just committed (on the workflow's thread): reported at once,
@@ -219,7 +221,7 @@ class Run:
             return
         t1 = _now_ns()
         with self.lock:
-            self._flush()
+            self._flush(True)
             for sink in self.sinks:
                 try:
                     sink.committed(self, ops, t0, t1)
@@ -230,16 +232,23 @@ class Run:
             except Exception:
                 _failed("a commit")
 
-    def flush(self) -> None:
-        """Report the step results waiting. Never raises."""
+    def flush(self, mine: bool = False) -> None:
+        """Report the step results waiting; ``mine``: called on the run's own thread.
+        Never raises."""
         with self.lock:
-            self._flush()
+            self._flush(mine)
 
-    def _flush(self) -> None:
+    def _flush(self, mine: bool) -> None:
         pending, ends = self.pending, self.ends
-        n = len(ends)  # not a copy and clear: a step may append meanwhile
-        entries = [pending.popleft() for _ in range(n)]
-        times = [ends.popleft() for _ in range(n)]
+        if mine:  # nothing appends meanwhile: the run's thread is here
+            entries, times = list(pending), list(ends)
+            pending.clear()
+            ends.clear()
+            n = len(times)
+        else:  # the reporting thread: take only what is there, a step may append
+            n = len(ends)
+            entries = [pending.popleft() for _ in range(n)]
+            times = [ends.popleft() for _ in range(n)]
         with _waiting_lock:  # one appended meanwhile waits for the next flush
             if pending:
                 _waiting.add(self)
@@ -301,7 +310,7 @@ class Run:
 
     def end(self, outcome: str, error: BaseException | None, replayed: int) -> None:
         """The run ended (on the workflow's thread). Never raises."""
-        self.flush()
+        self.flush(mine=True)
         self.replayed = replayed
         if self.sinks:
             _feed(self.sinks, "the end of a run", "run_ended", self, outcome, error,
@@ -364,6 +373,15 @@ def _sweep() -> None:
                 run.flush()
 
 
+def _forget_sweeper() -> None:
+    """In a forked child: the reporting thread did not come along."""
+    global _sweeper
+    _sweeper = None
+
+
+os.register_at_fork(after_in_child=_forget_sweeper)
+
+
 def _start_sweeper() -> None:
     global _sweeper
     with _sweeper_lock:
@@ -393,7 +411,7 @@ def _begin(app: App, rec: WorkflowRecord, resumed: int) -> Run | None:
     sinks = _sinks if tracing is None else (*_sinks, tracing)
     if not sinks and not log.isEnabledFor(logging.INFO):
         return None
-    if _sweeper is None or not _sweeper.is_alive():  # not started, or lost to a fork
+    if _sweeper is None:  # not started yet, or lost to a fork
         _start_sweeper()
     run = Run(app, rec, resumed, sinks)
     if tracing is not None:

@@ -200,13 +200,15 @@ class Tracing(Sink):
     def begin(self, run: Run, inputs: bytes) -> bool:
         """Open the run's ``workflow`` span, a child of the stamped ``start`` span.
         False when it is not sampled (nor will any span of the run be)."""
-        parent = parse_traceparent(stamped(inputs))
-        if parent is not None and not parent.trace_flags.sampled and self._direct is not None:
-            # Sampled out at its start (a parent-based sampler follows that decision):
-            # only a context to make current, so spans the workflow's code opens follow it.
-            run.span = _OpenRun(self._direct, "", parent, {})
-            sc = run.span.context
-            run.set_trace(f"{sc.trace_id:032x}", f"{sc.span_id:016x}")
+        stamp = stamped(inputs)
+        parent = parse_traceparent(stamp)
+        if stamp and parent is not None and not parent.trace_flags.sampled \
+                and self._direct is not None:
+            # Sampled out at its start (a parent-based sampler follows that decision): no
+            # span of its own, only the start span's context made current, so spans the
+            # workflow's code opens follow the decision (log lines name that span).
+            run.span = self._trace.NonRecordingSpan(parent)
+            run.set_trace(*stamp.split("-")[1:3])
             return False
         attrs: dict[str, Any] = {
             "crashsafe.workflow.id": run.workflow_id,
