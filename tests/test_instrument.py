@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -985,3 +986,58 @@ def test_counters_fold_step_durations_in_bulk_as_one_at_a_time() -> None:
     assert got[-1] == pytest.approx(expected[-1], rel=1e-9)
     assert sum(got[:-1]) < count  # those recorded without running have no duration
     assert counters.snapshot() == (counts, histograms)  # a scrape changes nothing
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_starts_its_own_reporting_thread(
+        tmp_path: Path, counting: prometheus.Counters) -> None:
+    """The reporting thread does not survive a fork: the child must start its own, or
+    the steps of a run stuck in a slow step would wait unreported until it ends."""
+    app = App(f"sqlite:///{tmp_path / 'fork.db'}", tracing=False)
+
+    @app.workflow(name="forking_wf")
+    def forking_wf() -> int:
+        return 1
+
+    assert app.start(forking_wf).result(timeout=10) == 1
+    assert _instrument._sweeper is not None and _instrument._sweeper.is_alive()
+    app.close()
+    pid = os.fork()
+    if pid == 0:  # the child: report through the exit code, never return into pytest
+        code = 1
+        try:
+            if _instrument._sweeper is None:
+                code = 2
+                child = App(f"sqlite:///{tmp_path / 'child.db'}", tracing=False)
+                gate = threading.Event()
+
+                @child.step(name="quick_f")
+                def quick_f() -> int:
+                    return 1
+
+                @child.step(name="slow_f")
+                def slow_f() -> int:
+                    gate.wait(10)
+                    return 2
+
+                @child.workflow(name="child_wf")
+                def child_wf() -> int:
+                    return quick_f() + slow_f()
+
+                handle = child.start(child_wf)
+                deadline = time.monotonic() + 10
+                while time.monotonic() < deadline:  # reported while slow_f still runs
+                    steps = counting.snapshot()[0]["steps"]
+                    if steps.get(("child_wf", "quick_f", "ok")) == 1:
+                        code = 0
+                        break
+                    time.sleep(0.05)
+                gate.set()
+                handle.result(timeout=10)
+                child.close()
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, (
+        "1: the parent's reporting thread looked alive in the child; 2: the child's "
+        "quick step was not reported while its slow step ran")
