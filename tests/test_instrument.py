@@ -1041,3 +1041,90 @@ def test_a_forked_child_starts_its_own_reporting_thread(
     assert os.waitstatus_to_exitcode(status) == 0, (
         "1: the parent's reporting thread looked alive in the child; 2: the child's "
         "quick step was not reported while its slow step ran")
+
+
+def _finished_span(name: str, sampled: bool = True) -> ReadableSpan:
+    flags = trace_api.TraceFlags(trace_api.TraceFlags.SAMPLED if sampled else 0)
+    ctx = trace_api.SpanContext(0x1234, 0x99, False, flags)
+    return ReadableSpan(name, ctx, start_time=1, end_time=2)
+
+
+def test_step_spans_go_into_the_batch_processors_queue_in_one_pass(tmp_path: Path) -> None:
+    """With the SDK's BatchSpanProcessor, a run's batch of step spans is queued at once
+    (otel._queue_into), and every span is exported, in order, as through on_end."""
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    from crashsafe.observe import otel
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    bsp = BatchSpanProcessor(exporter, schedule_delay_millis=60_000)
+    provider.add_span_processor(bsp)
+    assert otel._queue_into(bsp) is not None  # this SDK is laid out as expected
+    app = App(f"sqlite:///{tmp_path / 'bsp.db'}", tracing=provider)
+
+    @app.step(name="many_b")
+    def many_b(i: int) -> int:
+        return i
+
+    @app.workflow(name="bsp_wf")
+    def bsp_wf() -> int:
+        return sum(many_b(i) for i in range(_instrument.BATCH + 8))  # two batches
+
+    assert app.start(bsp_wf).result(timeout=10) == sum(range(_instrument.BATCH + 8))
+    app.close()
+    provider.force_flush()
+    steps = [s for s in exporter.get_finished_spans() if s.name == "step many_b"]
+    assert [s.attributes["crashsafe.step.index"] for s in steps] == \
+        list(range(_instrument.BATCH + 8))  # type: ignore[index]
+    run = next(s for s in exporter.get_finished_spans() if s.name == "workflow bsp_wf")
+    assert all(s.parent is not None and s.parent.span_id == run.context.span_id
+               for s in steps)
+    provider.shutdown()
+
+
+def test_the_batch_queue_shortcut_leaves_the_rest_to_the_sdk() -> None:
+    """What the one-pass queueing does not cover goes through the processor's own
+    on_end: a queue without room for the batch (the SDK warns and drops), a processor
+    shut down, unsampled spans; and a processor laid out differently is not touched."""
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    from crashsafe.observe import otel
+
+    def queued(bsp: BatchSpanProcessor) -> list[str]:
+        return [s.name for s in bsp._batch_processor._queue]
+
+    spans = [_finished_span(f"s{i}") for i in range(6)]
+    ours, theirs = (BatchSpanProcessor(InMemorySpanExporter(), max_queue_size=4,
+                                       max_export_batch_size=2,
+                                       schedule_delay_millis=60_000) for _ in range(2))
+    for bsp in (ours, theirs):  # keep the export threads from draining the queues
+        bsp._batch_processor._export = lambda *args: None  # type: ignore[method-assign]
+    end = otel._queue_into(ours)
+    assert end is not None
+    end(spans[:3])
+    for span in spans[:3]:
+        theirs.on_end(span)
+    assert queued(ours) == queued(theirs) == ["s2", "s1", "s0"]
+    end(spans[3:])  # no room for three more: span by span, as the SDK does it
+    for span in spans[3:]:
+        theirs.on_end(span)
+    assert queued(ours) == queued(theirs)
+    assert len(queued(ours)) == 4
+
+    unsampled = BatchSpanProcessor(InMemorySpanExporter(), schedule_delay_millis=60_000)
+    end = otel._queue_into(unsampled)
+    assert end is not None
+    end([_finished_span("u", sampled=False)])
+    assert queued(unsampled) == []
+    unsampled.shutdown()
+    end([_finished_span("late")])
+    assert queued(unsampled) == []
+
+    class Custom(BatchSpanProcessor):
+        pass
+
+    assert otel._queue_into(Custom(InMemorySpanExporter())) is None
+    assert otel._queue_into(SimpleSpanProcessor(InMemorySpanExporter())) is None
+    for bsp in (ours, theirs):
+        bsp.shutdown()
