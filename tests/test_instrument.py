@@ -1128,3 +1128,27 @@ def test_the_batch_queue_shortcut_leaves_the_rest_to_the_sdk() -> None:
     assert otel._queue_into(SimpleSpanProcessor(InMemorySpanExporter())) is None
     for bsp in (ours, theirs):
         bsp.shutdown()
+
+
+def test_the_stamp_is_read_from_the_end_of_the_inputs_only() -> None:
+    """stamped() reads the traceparent where stamp() puts it, the last top-level key,
+    without decoding the arguments; a "trace" anywhere else is the user's."""
+    from crashsafe.observe.otel import stamp
+
+    tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    big = b'{"args":["' + b"x" * 200_000 + b'"],"kwargs":{}}'
+    assert stamped(stamp(big, tp)) == tp
+    assert stamped(stamp(b"{}", tp)) == tp
+    assert stamped(big) is None
+    user = [
+        b'{"args":[],"kwargs":{"trace":"' + tp.encode() + b'"}}',  # a keyword argument
+        b'{"args":[{"trace":"' + tp.encode() + b'"}],"kwargs":{}}',  # inside an argument
+        b'{"args":["a\\",\\"trace\\":\\"' + tp.encode() + b'"],"kwargs":{}}',  # in a string
+        b'{"args":[],"kwargs":{"k":"v,\\"trace\\":\\"' + tp.encode() + b'"}}',
+        b'{"args":[],"kwargs":{},"trace":"00-\\"x"}',  # an escape: not ours
+        b'{"args":[],"kwargs":{},"trace":"00-\xff"}',  # not ASCII
+        b"",
+        b'"}',
+    ]
+    for inputs in user:
+        assert stamped(inputs) is None, inputs

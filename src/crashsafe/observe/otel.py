@@ -102,10 +102,6 @@ def auto_provider() -> TracerProvider | None:
 
 
 # -- the stamp: a traceparent inside the stored inputs ------------------------------------
-class _Stamp(msgspec.Struct):
-    trace: str | None = None
-
-
 def stamp(inputs: bytes, traceparent: str) -> bytes:
     """``inputs`` (the JSON object ``{"args": ..., "kwargs": ...}``) with the
     traceparent added as one more key; readers of the arguments ignore it."""
@@ -116,11 +112,33 @@ def stamp(inputs: bytes, traceparent: str) -> bytes:
 
 
 def stamped(inputs: bytes) -> str | None:
-    """The traceparent stamped into ``inputs``, or None."""
-    try:
-        return msgspec.json.decode(inputs, type=_Stamp).trace
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    """The traceparent stamped into ``inputs``, or None.
+
+    Read from the end, where :func:`stamp` put it, without decoding the arguments
+    (a run of a workflow with a 100 KB prompt would otherwise parse it once more): a
+    top-level key is the only place where ``"trace":"`` can follow a comma or the
+    opening brace, since inside a JSON string every quote is escaped, and a key of a
+    nested object is followed by that object's closing brace."""
+    tail = inputs[-_STAMP_TAIL:]
+    if not tail.endswith(b'"}'):
         return None
+    at = tail.rfind(_STAMP_OPEN)
+    if at < 1 or tail[at - 1] not in b",{":
+        return None
+    value = tail[at + len(_STAMP_OPEN):-2]
+    if b'"' in value or b"\\" in value:
+        return None
+    try:
+        return value.decode("ascii")
+    except UnicodeDecodeError:
+        return None
+
+
+_STAMP_OPEN = f'"{STAMP_KEY}":"'.encode()
+_STAMP_TAIL = 128
+"""Bytes at the end of the inputs where a stamp can be: its key, a traceparent (55
+characters in version 00, room left for a longer future version), the closing quote
+and brace."""
 
 
 def traceparent(sc: SpanContext) -> str:
@@ -451,10 +469,10 @@ class _Direct:
     machinery (locks, limits, a sampler asked again for a child of a sampled run): it is
     built as the SDK's ``ReadableSpan`` and handed to the processors' ``on_end``, where
     a span ended through the API goes too (a batch of step spans goes straight into the
-    queue of the SDK's ``BatchSpanProcessor``: :func:`_queue_into`). Four to five times cheaper, which keeps
-    tracing within the overhead budget (see docs/benchmarks.md). Only for the SDK's
-    own tracer; any other goes through ``start_span``. Processors' ``on_start`` is not
-    called for these spans.
+    queue of the SDK's ``BatchSpanProcessor``: :func:`_queue_into`). Four to five times
+    cheaper, which keeps tracing within the overhead budget (see docs/benchmarks.md).
+    Only for the SDK's own tracer; any other goes through ``start_span``. Processors'
+    ``on_start`` is not called for these spans.
     """
 
     def __init__(self, tracer: Any) -> None:
