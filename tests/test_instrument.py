@@ -1152,3 +1152,43 @@ def test_the_stamp_is_read_from_the_end_of_the_inputs_only() -> None:
     ]
     for inputs in user:
         assert stamped(inputs) is None, inputs
+
+
+@pytest.mark.parametrize("ratio", [1.0, 0.0])
+def test_a_run_begun_right_after_its_start_reuses_the_stamp(tmp_path: Path,
+                                                             ratio: float) -> None:
+    """app.start hands its run the stamp it just wrote (Tracing._handoff) instead of
+    reading it back from the inputs: the same parent as reading it gives, sampled or
+    not, and used (the hand-off is taken)."""
+    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(sampler=ParentBased(TraceIdRatioBased(ratio)))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    app = App(f"sqlite:///{tmp_path / 'handoff.db'}", tracing=provider)
+    tracing = app._tracer()
+
+    @app.workflow(name="handoff_wf")
+    def handoff_wf() -> str | None:
+        return trace_api.get_current_span().get_span_context().trace_id.to_bytes(
+            16, "big").hex()
+
+    inputs = b'{"args":[],"kwargs":{}}'
+    stamped_inputs = tracing.stamp_start(inputs, "handoff_wf", "H-0")
+    value, parent = tracing._handoff[1], tracing._handoff[2]
+    assert tracing._handoff[0] is stamped_inputs and value == stamped(stamped_inputs)
+    assert parent == parse_traceparent(value)
+    assert parent.is_remote and parent.trace_flags.sampled == (ratio == 1.0)
+
+    trace_hex = app.start(handoff_wf, workflow_id="H-1").result(timeout=10)
+    assert tracing._handoff is None  # taken by the run's begin
+    stored = parse_traceparent(stamped(app.get_workflow("H-1").inputs))
+    assert stored is not None and f"{stored.trace_id:032x}" == trace_hex
+    app.close()
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    if ratio == 1.0:
+        run = spans["workflow handoff_wf"]
+        assert run.parent is not None and run.parent.span_id == stored.span_id
+        assert run.parent.is_remote
+    else:
+        assert spans == {}

@@ -90,7 +90,9 @@ class Sink:
             self.committed(run, (e,), t1, t1)
 
     def committed(self, run: Run, ops: Sequence[Op], t0: int, t1: int) -> None:
-        """``ops`` were committed by ``run`` between ``t0`` and ``t1``."""
+        """``ops`` were committed by ``run`` between ``t0`` and ``t1``: at least one of
+        them a journal entry or an attempt row (commits without either are not
+        reported)."""
 
     def run_ended(self, run: Run, outcome: str, error: BaseException | None, at: int) -> None:
         """The run ended: ``ok``, ``error``, ``cancelled``, ``dead_letter``, ``aborted``
@@ -118,6 +120,11 @@ def remove_sink(sink: Sink) -> None:
     global _sinks
     with _sinks_lock:
         _sinks = tuple(s for s in _sinks if s is not sink)
+
+
+_REPORTED = frozenset({JournalEntry, AttemptRecord})
+"""What a commit must hold to be reported: the rest (a workflow's end row, a waiting
+mark, a child's creation) is told by the run's start, end and steps."""
 
 
 def _feed(sinks: Sequence[Sink], what: str, call: str, *args: Any) -> None:
@@ -219,6 +226,11 @@ class Run:
         if plain(ops):
             self.step(ops[0])  # type: ignore[arg-type]
             return
+        for op in ops:
+            if type(op) in _REPORTED:
+                break
+        else:  # nothing a sink or a log line reads (a workflow's end: see end())
+            return
         t1 = _now_ns()
         with self.lock:
             self._flush(True)
@@ -310,7 +322,11 @@ class Run:
 
     def end(self, outcome: str, error: BaseException | None, replayed: int) -> None:
         """The run ended (on the workflow's thread). Never raises."""
-        self.flush(mine=True)
+        if self.ends:
+            self.flush(mine=True)
+        elif self in _waiting:  # registered by a step the reporting thread then took
+            with _waiting_lock:
+                _waiting.discard(self)
         self.replayed = replayed
         if self.sinks:
             _feed(self.sinks, "the end of a run", "run_ended", self, outcome, error,

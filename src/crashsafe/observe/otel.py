@@ -158,6 +158,12 @@ def parse_traceparent(value: str | None) -> SpanContext | None:
         return None
     if not trace_id or not span_id or trace_id >> 128 or span_id >> 64 or flags > 0xFF:
         return None
+    return _remote(trace_id, span_id, flags)
+
+
+def _remote(trace_id: int, span_id: int, flags: int) -> SpanContext:
+    """The remote span context of valid ids, as a traceparent carries it (no trace
+    state)."""
     trace = _trace_module or _api()
     return _new_tuple(trace.SpanContext,  # type: ignore[no-any-return]
                       (trace_id, span_id, True, trace.TraceFlags(flags),
@@ -184,6 +190,9 @@ class Tracing(Sink):
         self._context = context
         self._key = id(self)
         self._step_names: dict[str, str] = {}
+        self._handoff: tuple[bytes, str, SpanContext] | None = None
+        """The inputs :meth:`stamp_start` stamped last, the stamp, and the span context
+        :func:`parse_traceparent` would read back from it."""
 
     # On the caller's thread ------------------------------------------------------------
     def stamp_start(self, inputs: bytes, name: str, workflow_id: str | None) -> bytes:
@@ -206,7 +215,15 @@ class Tracing(Sink):
                                       attributes=attrs)
         span.end()
         sc = span.get_span_context()
-        return stamp(inputs, traceparent(sc)) if sc.is_valid else inputs
+        if not sc.is_valid:
+            return inputs
+        value = traceparent(sc)
+        stamped_inputs = stamp(inputs, value)
+        # The run usually begins right after, in this thread, with these very bytes:
+        # hand it what reading the stamp back would give (see begin).
+        self._handoff = (stamped_inputs, value, _remote(sc.trace_id, sc.span_id,
+                                                         int(sc.trace_flags)))
+        return stamped_inputs
 
     def attach(self, span: Any) -> object:
         """Make ``span`` (a run's) current on this thread; returns the detach token."""
@@ -220,8 +237,14 @@ class Tracing(Sink):
     def begin(self, run: Run, inputs: bytes) -> bool:
         """Open the run's ``workflow`` span, a child of the stamped ``start`` span.
         False when it is not sampled (nor will any span of the run be)."""
-        stamp = stamped(inputs)
-        parent = parse_traceparent(stamp)
+        handoff = self._handoff
+        if handoff is not None and handoff[0] is inputs:  # started just now, here
+            self._handoff = None
+            stamp: str | None = handoff[1]
+            parent: SpanContext | None = handoff[2]
+        else:
+            stamp = stamped(inputs)
+            parent = parse_traceparent(stamp)
         if stamp and parent is not None and not parent.trace_flags.sampled \
                 and self._direct is not None:
             # Sampled out at its start (a parent-based sampler follows that decision): no
