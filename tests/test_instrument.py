@@ -1192,3 +1192,110 @@ def test_a_run_begun_right_after_its_start_reuses_the_stamp(tmp_path: Path,
         assert run.parent.is_remote
     else:
         assert spans == {}
+
+
+class _CountingSink(_instrument.Sink):
+    """Counts the steps reported, and the order of what it hears."""
+
+    def __init__(self, hold: float = 0.0) -> None:
+        self.steps_seen = 0
+        self.uneven = 0
+        self.events: list[str] = []
+        self.hold = hold
+
+    def steps(self, run: _instrument.Run, entries: Any, ends: Any) -> None:
+        self.events.append("steps-begin")
+        if len(entries) != len(ends):
+            self.uneven += 1
+        self.steps_seen += len(entries)
+        time.sleep(self.hold)
+        self.events.append("steps-end")
+
+    def run_ended(self, run: _instrument.Run, outcome: str, error: BaseException | None,
+                  at: int) -> None:
+        self.events.append("run_ended")
+
+
+def _bare_run(sink: _instrument.Sink) -> _instrument.Run:
+    import types
+
+    app: Any = types.SimpleNamespace(_clock_offset=0.0)
+    rec: Any = types.SimpleNamespace(id="R-1", name="bare_wf", version=1, token=1)
+    return _instrument.Run(app, rec, 0, (sink,))
+
+
+def test_steps_appended_while_another_thread_reports_are_never_lost() -> None:
+    """An async workflow's child start commits from a worker thread while its other
+    tasks commit steps: the report one makes must not drop what the other appends."""
+    sink = _CountingSink()
+    run = _bare_run(sink)
+    n = 150_000
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+    try:
+        def steps() -> None:
+            for i in range(n):
+                run.step(JournalEntry("R-1", i, "step", "s", b"1", None, 1, 0.0, 0.0))
+
+        def other_commits() -> None:
+            for i in range(n):
+                run.committed([JournalEntry("R-1", -i, "child", "c", b"1", None, 1, 0.0,
+                                            0.0)], 0)
+
+        threads = [threading.Thread(target=steps), threading.Thread(target=other_commits)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(old)
+    run.end("ok", None, 0)
+    assert (sink.steps_seen, sink.uneven) == (n, 0)
+    assert not run.pending and not run.ends and run not in _instrument._waiting
+
+
+def test_a_runs_end_is_reported_after_the_reporting_threads_report() -> None:
+    """One run's reports never overlap: its end waits for a report under way."""
+    sink = _CountingSink(hold=0.05)
+    run = _bare_run(sink)
+    run.step(JournalEntry("R-1", 0, "step", "s", b"1", None, 1, 0.0, 0.0))
+    reporter = threading.Thread(target=run.flush)  # as the reporting thread does
+    reporter.start()
+    deadline = time.monotonic() + 5
+    while not sink.events and time.monotonic() < deadline:
+        time.sleep(0.001)
+    run.end("ok", None, 0)
+    reporter.join()
+    assert sink.events == ["steps-begin", "steps-end", "run_ended"]
+    assert run not in _instrument._waiting
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_the_batch_queue_shortcut_wakes_a_forked_childs_export_thread() -> None:
+    """After a fork the SDK makes its processor a new queue, wake-up event and export
+    thread: the shortcut must use those, not the parent's."""
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    from crashsafe.observe import otel
+
+    exporter = InMemorySpanExporter()
+    bsp = BatchSpanProcessor(exporter, max_export_batch_size=4, schedule_delay_millis=60_000)
+    end = otel._queue_into(bsp)
+    assert end is not None
+    pid = os.fork()
+    if pid == 0:  # the child: report through the exit code, never return into pytest
+        code = 1
+        try:
+            end([_finished_span(f"c{i}") for i in range(8)])  # the SDK's fork path
+            end([_finished_span(f"d{i}") for i in range(8)])  # the shortcut, after it
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                if len(exporter.get_finished_spans()) == 16:
+                    code = 0
+                    break
+                time.sleep(0.01)
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "the child's spans were not exported"
+    bsp.shutdown()

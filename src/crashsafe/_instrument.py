@@ -217,8 +217,7 @@ class Run:
             with _waiting_lock:
                 _waiting.add(self)
         elif n >= BATCH or t1 - self.since >= _SWEEP_NS:
-            with self.lock:
-                self._flush(True)
+            self.flush()
 
     def committed(self, ops: Sequence[Op], t0: int) -> None:
         """``ops`` were just committed (on the workflow's thread): reported at once,
@@ -233,7 +232,7 @@ class Run:
             return
         t1 = _now_ns()
         with self.lock:
-            self._flush(True)
+            self._flush()
             for sink in self.sinks:
                 try:
                     sink.committed(self, ops, t0, t1)
@@ -244,23 +243,19 @@ class Run:
             except Exception:
                 _failed("a commit")
 
-    def flush(self, mine: bool = False) -> None:
-        """Report the step results waiting; ``mine``: called on the run's own thread.
-        Never raises."""
+    def flush(self) -> None:
+        """Report the step results waiting. Never raises."""
         with self.lock:
-            self._flush(mine)
+            self._flush()
 
-    def _flush(self, mine: bool) -> None:
+    def _flush(self) -> None:
+        # Not a copy and clear: another thread may append meanwhile (the reporting
+        # thread flushes a run whose thread goes on; an async workflow's child start
+        # commits from a worker thread while its other tasks commit steps).
         pending, ends = self.pending, self.ends
-        if mine:  # nothing appends meanwhile: the run's thread is here
-            entries, times = list(pending), list(ends)
-            pending.clear()
-            ends.clear()
-            n = len(times)
-        else:  # the reporting thread: take only what is there, a step may append
-            n = len(ends)
-            entries = [pending.popleft() for _ in range(n)]
-            times = [ends.popleft() for _ in range(n)]
+        n = len(ends)  # appended second: as many entries are there
+        entries = [pending.popleft() for _ in range(n)]
+        times = [ends.popleft() for _ in range(n)]
         with _waiting_lock:  # one appended meanwhile waits for the next flush
             if pending:
                 _waiting.add(self)
@@ -322,11 +317,7 @@ class Run:
 
     def end(self, outcome: str, error: BaseException | None, replayed: int) -> None:
         """The run ended (on the workflow's thread). Never raises."""
-        if self.ends:
-            self.flush(mine=True)
-        elif self in _waiting:  # registered by a step the reporting thread then took
-            with _waiting_lock:
-                _waiting.discard(self)
+        self.flush()  # also after the reporting thread's: their reports never overlap
         self.replayed = replayed
         if self.sinks:
             _feed(self.sinks, "the end of a run", "run_ended", self, outcome, error,
@@ -377,16 +368,25 @@ def _sweep() -> None:
     from it."""
     while True:
         time.sleep(SWEEP_S / 2)
-        limit = time.time_ns() - int(SWEEP_S * 1e9)
-        with _waiting_lock:
-            runs = list(_waiting)
-        for run in runs:
-            try:
-                newest = run.ends[-1]
-            except IndexError:
-                continue
-            if newest <= limit:
-                run.flush()
+        try:
+            _sweep_once(time.time_ns() - int(SWEEP_S * 1e9))
+        except Exception:  # it must outlive anything: no one restarts it
+            _failed("waiting steps")
+
+
+def _sweep_once(limit: int) -> None:
+    with _waiting_lock:
+        runs = list(_waiting)
+    for run in runs:
+        try:
+            newest = run.ends[-1]
+        except IndexError:  # reported meanwhile (a step appending re-registers it)
+            with _waiting_lock:
+                if not run.ends:
+                    _waiting.discard(run)
+            continue
+        if newest <= limit:
+            run.flush()
 
 
 def _forget_sweeper() -> None:
@@ -395,7 +395,8 @@ def _forget_sweeper() -> None:
     _sweeper = None
 
 
-os.register_at_fork(after_in_child=_forget_sweeper)
+if hasattr(os, "register_at_fork"):  # not on Windows (no fork there either)
+    os.register_at_fork(after_in_child=_forget_sweeper)
 
 
 def _start_sweeper() -> None:

@@ -593,19 +593,20 @@ def _queue_into(processor: Any) -> Callable[[list[Any]], None] | None:
             or not all(hasattr(inner, a) for a in _QUEUE_LAYOUT) \
             or type(inner._queue) is not deque:
         return None
-    queue, awaken, on_end = inner._queue, inner._worker_awaken, processor.on_end
-    limit, batch = inner._max_queue_size, inner._max_export_batch_size
+    on_end = processor.on_end
 
     def end(spans: list[Any]) -> None:  # spans of one run: one trace, the same flags
         if not spans or not spans[0].context.trace_flags.sampled:
             return  # on_end drops those
-        if inner._shutdown or inner._pid != os.getpid() or len(queue) + len(spans) > limit:
+        queue = inner._queue  # read each time: a forked child's SDK makes new ones
+        if inner._shutdown or inner._pid != os.getpid() \
+                or len(queue) + len(spans) > inner._max_queue_size:
             for span in spans:
                 on_end(span)
             return
         queue.extendleft(spans)  # as appendleft, span by span
-        if len(queue) >= batch and not awaken.is_set():
-            awaken.set()
+        if len(queue) >= inner._max_export_batch_size and not inner._worker_awaken.is_set():
+            inner._worker_awaken.set()
     return end
 
 
