@@ -41,6 +41,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Sequence
+from itertools import repeat
 from typing import TYPE_CHECKING, Any
 
 from ._errors import describe
@@ -122,6 +123,7 @@ def remove_sink(sink: Sink) -> None:
         _sinks = tuple(s for s in _sinks if s is not sink)
 
 
+_popleft = deque.popleft
 _REPORTED = frozenset({JournalEntry, AttemptRecord})
 """What a commit must hold to be reported: the rest (a workflow's end row, a waiting
 mark, a child's creation) is told by the run's start, end and steps."""
@@ -254,8 +256,8 @@ class Run:
         # commits from a worker thread while its other tasks commit steps).
         pending, ends = self.pending, self.ends
         n = len(ends)  # appended second: as many entries are there
-        entries = [pending.popleft() for _ in range(n)]
-        times = [ends.popleft() for _ in range(n)]
+        entries = list(map(_popleft, repeat(pending, n)))  # one by one, in C
+        times = list(map(_popleft, repeat(ends, n)))
         with _waiting_lock:  # one appended meanwhile waits for the next flush
             if pending:
                 _waiting.add(self)
@@ -317,7 +319,12 @@ class Run:
 
     def end(self, outcome: str, error: BaseException | None, replayed: int) -> None:
         """The run ended (on the workflow's thread). Never raises."""
-        self.flush()  # also after the reporting thread's: their reports never overlap
+        with self.lock:  # also after the reporting thread's: reports never overlap
+            if self.ends:
+                self._flush()
+            elif self in _waiting:  # its steps reported by the reporting thread
+                with _waiting_lock:
+                    _waiting.discard(self)
         self.replayed = replayed
         if self.sinks:
             _feed(self.sinks, "the end of a run", "run_ended", self, outcome, error,
