@@ -817,6 +817,116 @@ def test_the_fast_span_context_is_the_api_s_own() -> None:
         7, 9, flags, state)
 
 
+def test_the_direct_start_span_decides_as_start_span_does() -> None:
+    """_Direct.start (the ``start`` span without a live span object) gives the ids,
+    trace flags and finished span that the SDK's start_span gives, whatever the
+    sampler says (sample, drop, record only, follow the parent) and wherever it is
+    called from (no span, under a sampled local span, under a remote unsampled one);
+    and it steps aside for a disabled tracer and for one that counts its spans."""
+    from opentelemetry import context as context_api
+    from opentelemetry.sdk.trace import SpanProcessor
+    from opentelemetry.sdk.trace.id_generator import IdGenerator
+    from opentelemetry.sdk.trace.sampling import (
+        ALWAYS_OFF,
+        ALWAYS_ON,
+        Decision,
+        ParentBased,
+        Sampler,
+        SamplingResult,
+    )
+    from opentelemetry.trace import (
+        NonRecordingSpan,
+        SpanContext,
+        SpanKind,
+        TraceFlags,
+        set_span_in_context,
+    )
+
+    from crashsafe.observe import otel
+
+    class Ids(IdGenerator):  # the same ids for both ways, call for call
+        def __init__(self) -> None:
+            self.n = 0
+
+        def generate_span_id(self) -> int:
+            self.n += 1
+            return 0x5000 + self.n
+
+        def generate_trace_id(self) -> int:
+            self.n += 1
+            return 0x7000 + self.n
+
+        def is_trace_id_random(self) -> bool:
+            return True
+
+    class RecordOnly(Sampler):
+        def should_sample(self, parent_context: Any, trace_id: int, name: str,
+                          kind: Any = None, attributes: Any = None, links: Any = None,
+                          trace_state: Any = None) -> SamplingResult:
+            return SamplingResult(Decision.RECORD_ONLY, {**(attributes or {}), "r": 1})
+
+        def get_description(self) -> str:
+            return "record only"
+
+    class Ended(SpanProcessor):  # every span handed to on_end, sampled or not
+        def __init__(self) -> None:
+            self.spans: list[ReadableSpan] = []
+
+        def on_end(self, span: ReadableSpan) -> None:
+            self.spans.append(span)
+
+    def seen(span: ReadableSpan) -> tuple[Any, ...]:
+        return (span.name, span.kind, dict(span.attributes or {}), span.context,
+                span.parent, span.status.status_code, dict(span.resource.attributes),
+                span.start_time is not None and span.start_time <= (span.end_time or 0))
+
+    sampled_parent = SpanContext(0x1111, 0x2222, False, TraceFlags(TraceFlags.SAMPLED))
+    remote_unsampled = SpanContext(0x3333, 0x4444, True, TraceFlags(0))
+    checked = 0
+    for sampler in (ALWAYS_ON, ALWAYS_OFF, ParentBased(ALWAYS_OFF), RecordOnly()):
+        for parent in (None, sampled_parent, remote_unsampled):
+            got: list[Any] = []
+            for way in ("direct", "start_span"):
+                ended = Ended()
+                provider = TracerProvider(sampler=sampler, id_generator=Ids())
+                provider.add_span_processor(ended)
+                tracer = provider.get_tracer("crashsafe", crashsafe.__version__)
+                direct = otel._Direct.of(tracer)
+                assert direct is not None and direct.direct_start
+                attrs = {"crashsafe.workflow.name": "wf", "crashsafe.workflow.id": "W-9"}
+                token = context_api.attach(set_span_in_context(NonRecordingSpan(parent))) \
+                    if parent is not None else None
+                try:
+                    if way == "direct":
+                        ids = direct.start("start wf", dict(attrs))
+                    else:
+                        span = tracer.start_span("start wf", kind=SpanKind.PRODUCER,
+                                                 attributes=dict(attrs))
+                        span.end()
+                        sc = span.get_span_context()
+                        ids = (sc.trace_id, sc.span_id, int(sc.trace_flags))
+                finally:
+                    if token is not None:
+                        context_api.detach(token)
+                got.append((ids, [seen(s) for s in ended.spans]))
+            assert got[0] == got[1], (sampler, parent)
+            checked += bool(got[0][1])
+    # Recorded: under ALWAYS_ON and RecordOnly everywhere, under ParentBased(ALWAYS_OFF)
+    # only as a child of the sampled span.
+    assert checked == 7
+
+    provider = TracerProvider()
+    tracer = provider.get_tracer("crashsafe", crashsafe.__version__)
+    direct = otel._Direct.of(tracer)
+    assert direct is not None and direct.direct_start
+    tracer._is_enabled = lambda: False  # type: ignore[method-assign]
+    assert direct.start("start wf", {}) is None  # start_span decides (no span)
+    counting = provider.get_tracer("counted", "1")
+    counting._tracer_metrics = object()  # type: ignore[attr-defined]
+    counted = otel._Direct.of(counting)
+    assert counted is not None and not counted.direct_start
+
+
 def test_json_formatter_times_secrets_and_odd_values() -> None:
     fmt = JsonFormatter()
 

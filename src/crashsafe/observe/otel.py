@@ -141,8 +141,9 @@ characters in version 00, room left for a longer future version), the closing qu
 and brace."""
 
 
-def traceparent(sc: SpanContext) -> str:
-    return f"00-{sc.trace_id:032x}-{sc.span_id:016x}-{int(sc.trace_flags):02x}"
+def traceparent(trace_id: int, span_id: int, flags: int) -> str:
+    """The W3C ``traceparent`` (version 00) of a span context's ids and flags."""
+    return f"00-{trace_id:032x}-{span_id:016x}-{flags:02x}"
 
 
 def parse_traceparent(value: str | None) -> SpanContext | None:
@@ -211,18 +212,21 @@ class Tracing(Sink):
         attrs: dict[str, Any] = {"crashsafe.workflow.name": name}
         if workflow_id is not None:
             attrs["crashsafe.workflow.id"] = workflow_id
-        span = self.tracer.start_span(f"start {name}", kind=self._trace.SpanKind.PRODUCER,
-                                      attributes=attrs)
-        span.end()
-        sc = span.get_span_context()
-        if not sc.is_valid:
-            return inputs
-        value = traceparent(sc)
+        direct = self._direct
+        ids = direct.start(f"start {name}", attrs) if direct is not None else None
+        if ids is None:
+            span = self.tracer.start_span(f"start {name}", kind=self._trace.SpanKind.PRODUCER,
+                                          attributes=attrs)
+            span.end()
+            sc = span.get_span_context()
+            if not sc.is_valid:
+                return inputs
+            ids = (sc.trace_id, sc.span_id, int(sc.trace_flags))
+        value = traceparent(*ids)
         stamped_inputs = stamp(inputs, value)
         # The run usually begins right after, in this thread, with these very bytes:
         # hand it what reading the stamp back would give (see begin).
-        self._handoff = (stamped_inputs, value, _remote(sc.trace_id, sc.span_id,
-                                                         int(sc.trace_flags)))
+        self._handoff = (stamped_inputs, value, _remote(*ids))
         return stamped_inputs
 
     def attach(self, span: Any) -> object:
@@ -519,6 +523,18 @@ class _Direct:
         ``RandomIdGenerator`` draws them (64 random bits, never 0)."""
         if self.fast:
             self.make_context = _fast_context
+        self.tracer = tracer
+        self.producer = SpanKind.PRODUCER
+        self.direct_start = _plain_tracer(tracer)
+        """Whether :meth:`start` may decide a ``start`` span itself (see there)."""
+        from opentelemetry import context as context_api
+        from opentelemetry.trace import TraceFlags, get_current_span
+
+        self.current_context, self.current_span = context_api.get_current, get_current_span
+        self.random_flag = int(getattr(TraceFlags, "RANDOM_TRACE_ID", 0))
+        is_random = getattr(tracer.id_generator, "is_trace_id_random", None)
+        self.random_root = self.random_flag if is_random is not None and is_random() else 0
+        self.flags_type = TraceFlags
 
     def _checked_context(self, trace_id: int, span_id: int, flags: Any,
                          state: Any) -> SpanContext:
@@ -554,6 +570,39 @@ class _Direct:
             return None
         return cls(tracer)
 
+    def start(self, name: str, attrs: dict[str, Any]) -> tuple[int, int, int] | None:
+        """A ``start`` span, begun and ended at once under the caller's current span:
+        its trace id, span id and trace flags (None: ask ``start_span``).
+
+        What the SDK tracer's ``start_span`` decides for such a span (a trace id, the
+        sampler's verdict, the flags), without the live span it would build, lock and
+        end at once; a recorded one is handed to the processors finished (as
+        :meth:`record` does). In the other workflows of a sampled service, nearly all,
+        no span object is made at all. Only for a tracer that is enabled and counts
+        nothing about its own spans (:func:`_plain_tracer`), checked at each call."""
+        tracer = self.tracer
+        if not self.direct_start or not tracer._is_enabled():
+            return None
+        context = self.current_context()
+        parent: Any = self.current_span(context).get_span_context()
+        if parent is not None and parent.is_valid:
+            trace_id, random_flag = parent.trace_id, int(parent.trace_flags) & self.random_flag
+        else:
+            parent = None
+            trace_id, random_flag = tracer.id_generator.generate_trace_id(), self.random_root
+        result = tracer.sampler.should_sample(context, trace_id, name, self.producer, attrs, ())
+        decision = result.decision
+        flags = (1 if decision.is_sampled() else 0) | random_flag
+        span_id = self.new_id()
+        if decision.is_recording():
+            ctx = self.context_type(trace_id, span_id, False, self.flags_type(flags),
+                                    result.trace_state)
+            now = time.time_ns()
+            self.processor.on_end(self.span_type(
+                name, ctx, parent, self.resource, dict(result.attributes or {}), (), (),
+                self.producer, None, self.unset, now, now, self.scope))
+        return trace_id, span_id, flags
+
     def record(self, parent: SpanContext, name: str, start: int, end: int,
                attrs: dict[str, Any], status: Any, ctx: Any = None) -> SpanContext:
         if ctx is None:
@@ -563,6 +612,21 @@ class _Direct:
             name, ctx, parent, self.resource, attrs, (), (), self.kind, None, status, start,
             end, self.scope))
         return ctx  # type: ignore[no-any-return]
+
+
+def _plain_tracer(tracer: Any) -> bool:
+    """Whether ``tracer`` is laid out as the SDK's is since it has a tracer
+    configurator and metrics of its own, with those metrics off (the default): then
+    :meth:`_Direct.start` decides as its ``start_span`` would. Otherwise (an older
+    SDK, or its metrics on, which count each span) ``start`` spans go through
+    ``start_span``."""
+    try:
+        from opentelemetry.sdk.trace._tracer_metrics import NoOpTracerMetrics
+    except ImportError:
+        return False
+    return callable(getattr(tracer, "_is_enabled", None)) \
+        and type(getattr(tracer, "_tracer_metrics", None)) is NoOpTracerMetrics \
+        and hasattr(tracer, "sampler")
 
 
 def _one_by_one(on_end: Callable[[Any], None]) -> Callable[[list[Any]], None]:
