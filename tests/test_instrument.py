@@ -1285,13 +1285,14 @@ def test_a_run_begun_right_after_its_start_reuses_the_stamp(tmp_path: Path,
 
     inputs = b'{"args":[],"kwargs":{}}'
     stamped_inputs = tracing.stamp_start(inputs, "handoff_wf", "H-0")
-    value, parent = tracing._handoff[1], tracing._handoff[2]
-    assert tracing._handoff[0] is stamped_inputs and value == stamped(stamped_inputs)
+    kept, value, parent = tracing._handoffs[id(stamped_inputs)]
+    assert kept is stamped_inputs and value == stamped(stamped_inputs)
     assert parent == parse_traceparent(value)
     assert parent.is_remote and parent.trace_flags.sampled == (ratio == 1.0)
+    tracing._handoffs.clear()
 
     trace_hex = app.start(handoff_wf, workflow_id="H-1").result(timeout=10)
-    assert tracing._handoff is None  # taken by the run's begin
+    assert tracing._handoffs == {}  # taken by the run's begin
     stored = parse_traceparent(stamped(app.get_workflow("H-1").inputs))
     assert stored is not None and f"{stored.trace_id:032x}" == trace_hex
     app.close()
@@ -1302,6 +1303,72 @@ def test_a_run_begun_right_after_its_start_reuses_the_stamp(tmp_path: Path,
         assert run.parent.is_remote
     else:
         assert spans == {}
+
+
+def test_concurrent_starts_each_hand_their_run_its_stamp_and_stamps_kept_are_bounded(
+        tmp_path: Path) -> None:
+    """Async starts interleave between stamping their inputs and beginning their runs
+    (each awaits its commit): every run still takes its own stamp, not another's.
+    Stamps whose run never begins here (queued for another process, an id already
+    taken) are not kept without bound."""
+    import asyncio
+
+    from crashsafe.observe import otel
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    app = App(f"sqlite:///{tmp_path / 'handoff_async.db'}", tracing=provider)
+    tracing = app._tracer()
+    handed: list[bool] = []
+    real_begin = tracing.begin
+
+    def begin(run: _instrument.Run, inputs: bytes) -> bool:
+        handed.append(id(inputs) in tracing._handoffs)
+        return real_begin(run, inputs)
+
+    tracing.begin = begin
+
+    @app.workflow(name="handoff_async_wf")
+    async def handoff_async_wf(i: int) -> int:
+        return i
+
+    async def main() -> list[int]:
+        handles = await asyncio.gather(*(app.start_async(handoff_async_wf, i,
+                                                         workflow_id=f"HA-{i}")
+                                         for i in range(20)))
+        return [await h.result_async(timeout=10) for h in handles]
+
+    assert asyncio.run(main()) == list(range(20))
+    assert handed == [True] * 20, "every run found its own stamp handed off"
+    assert tracing._handoffs == {}
+    app.close()
+    spans = _spans(exporter)
+    starts = {s.attributes["crashsafe.workflow.id"]: s for s in spans  # type: ignore[index]
+              if s.name == "start handoff_async_wf"}
+    runs = [s for s in spans if s.name == "workflow handoff_async_wf"]
+    assert len(starts) == len(runs) == 20
+    for run in runs:
+        assert run.attributes is not None
+        assert _parent(run) == _ids(starts[run.attributes["crashsafe.workflow.id"]])[1]
+
+    for i in range(otel._HANDOFFS + 50):
+        tracing.stamp_start(b'{"args":[],"kwargs":{}}', "never_run", f"N-{i}")
+    assert 0 < len(tracing._handoffs) <= otel._HANDOFFS
+
+
+def test_a_malformed_traceparent_is_no_parent() -> None:
+    good = "00-0000000000000000000000000000000a-000000000000000b-01"
+    assert parse_traceparent(good) is not None
+    for bad in ("", "0-0000000000000000000000000000000a-000000000000000b-01",
+                "000-0000000000000000000000000000000a-000000000000000b-01",
+                "00-000000000000000000000000000000a-000000000000000b-01",
+                "00-00000000000000000000000000000000-000000000000000b-01",
+                "00-0000000000000000000000000000000a-0000000000000000-01",
+                "00-0000000000000000000000000000000g-000000000000000b-01",
+                "00-0000000000000000000000000000000a-000000000000000b-1ff",
+                "00-0000000000000000000000000000000a-000000000000000b"):
+        assert parse_traceparent(bad) is None, bad
 
 
 class _CountingSink(_instrument.Sink):

@@ -134,6 +134,9 @@ def stamped(inputs: bytes) -> str | None:
         return None
 
 
+_HANDOFFS = 256
+"""Stamps kept for runs to begin, at most (the runs of workflows started in this
+process begin here at once, unless queued, or started under an id already taken)."""
 _STAMP_OPEN = f'"{STAMP_KEY}":"'.encode()
 _STAMP_TAIL = 128
 """Bytes at the end of the inputs where a stamp can be: its key, a traceparent (55
@@ -143,7 +146,7 @@ and brace."""
 
 def traceparent(trace_id: int, span_id: int, flags: int) -> str:
     """The W3C ``traceparent`` (version 00) of a span context's ids and flags."""
-    return f"00-{trace_id:032x}-{span_id:016x}-{flags:02x}"
+    return "00-%032x-%016x-%02x" % (trace_id, span_id, flags)  # noqa: UP031 (faster)
 
 
 def parse_traceparent(value: str | None) -> SpanContext | None:
@@ -151,7 +154,7 @@ def parse_traceparent(value: str | None) -> SpanContext | None:
     if not value:
         return None
     parts = value.split("-")
-    if len(parts) < 4 or len(parts[1]) != 32 or len(parts[2]) != 16:
+    if len(parts) < 4 or len(parts[0]) != 2 or len(parts[1]) != 32 or len(parts[2]) != 16:
         return None
     try:
         trace_id, span_id, flags = int(parts[1], 16), int(parts[2], 16), int(parts[3], 16)
@@ -191,9 +194,10 @@ class Tracing(Sink):
         self._context = context
         self._key = id(self)
         self._step_names: dict[str, str] = {}
-        self._handoff: tuple[bytes, str, SpanContext] | None = None
-        """The inputs :meth:`stamp_start` stamped last, the stamp, and the span context
-        :func:`parse_traceparent` would read back from it."""
+        self._handoffs: dict[int, tuple[bytes, str, SpanContext]] = {}
+        """Inputs :meth:`stamp_start` stamped, by ``id``: those inputs, the stamp, and
+        the span context :func:`parse_traceparent` would read back from it, until the
+        run of the workflow begins (see :meth:`begin`)."""
 
     # On the caller's thread ------------------------------------------------------------
     def stamp_start(self, inputs: bytes, name: str, workflow_id: str | None) -> bytes:
@@ -224,9 +228,13 @@ class Tracing(Sink):
             ids = (sc.trace_id, sc.span_id, int(sc.trace_flags))
         value = traceparent(*ids)
         stamped_inputs = stamp(inputs, value)
-        # The run usually begins right after, in this thread, with these very bytes:
-        # hand it what reading the stamp back would give (see begin).
-        self._handoff = (stamped_inputs, value, _remote(*ids))
+        # The run usually begins right after, in this process, with these very bytes
+        # (from another thread for an async workflow or a worker's): hand it what
+        # reading the stamp back would give (see begin).
+        handoffs = self._handoffs
+        if len(handoffs) >= _HANDOFFS:  # runs that did not begin here (queued elsewhere)
+            handoffs.clear()
+        handoffs[id(stamped_inputs)] = (stamped_inputs, value, _remote(*ids))
         return stamped_inputs
 
     def attach(self, span: Any) -> object:
@@ -241,9 +249,8 @@ class Tracing(Sink):
     def begin(self, run: Run, inputs: bytes) -> bool:
         """Open the run's ``workflow`` span, a child of the stamped ``start`` span.
         False when it is not sampled (nor will any span of the run be)."""
-        handoff = self._handoff
+        handoff = self._handoffs.pop(id(inputs), None)
         if handoff is not None and handoff[0] is inputs:  # started just now, here
-            self._handoff = None
             stamp: str | None = handoff[1]
             parent: SpanContext | None = handoff[2]
         else:
@@ -255,7 +262,7 @@ class Tracing(Sink):
             # span of its own, only the start span's context made current, so spans the
             # workflow's code opens follow the decision (log lines name that span).
             run.span = self._trace.NonRecordingSpan(parent)
-            run.set_trace(*stamp.split("-")[1:3])
+            run.set_trace(stamp[3:35], stamp[36:52])  # as parsed: 2, 32 and 16 digits
             return False
         attrs: dict[str, Any] = {
             "crashsafe.workflow.id": run.workflow_id,
