@@ -1053,10 +1053,12 @@ def test_a_transactional_step_has_its_span_and_is_counted(
 
 
 def test_counters_fold_step_durations_in_bulk_as_one_at_a_time() -> None:
-    """Durations of steps that succeeded are gathered and turned into buckets in bulk
+    """Steps that succeeded are gathered and turned into counts and buckets in bulk
     (Counters.steps, Counters._fold): the histogram, counts and attempts must be those
-    of observing each step on its own, across folds, bucket bounds, zero and negative
-    durations (clocks apart), retried steps and steps recorded without running."""
+    of observing each step on its own, per step name, across folds, bucket bounds,
+    zero and negative durations (clocks apart), retried steps and steps recorded
+    without running, batches of plain steps only (the quick way) and mixed ones, and
+    runs whose store clock is apart from ours."""
     import random
 
     rng = random.Random(11)
@@ -1064,37 +1066,47 @@ def test_counters_fold_step_durations_in_bulk_as_one_at_a_time() -> None:
 
     class FakeRun:  # what Counters.steps reads of a run
         name = "fold_wf"
-        offset_ns = 0
 
-    run: Any = FakeRun()
+        def __init__(self, offset_ns: int) -> None:
+            self.offset_ns = offset_ns
+
+    runs: list[Any] = [FakeRun(0), FakeRun(250_000_000), FakeRun(-3_000_000_000)]
     t1 = 1_700_000_000_000_000_000
     picks = [*prometheus.LATENCY_BUCKETS, 0.0, -0.5, 1e-9, 301.0, 1e4]
-    expected = [0.0] * (len(prometheus.LATENCY_BUCKETS) + 2)
-    count = attempts = 0
+    names = ["b", "a", "c"]
+    expected = {n: [0.0] * (len(prometheus.LATENCY_BUCKETS) + 2) for n in names}
+    count = dict.fromkeys(names, 0)
+    attempts = dict.fromkeys(names, 0)
+    plain_batches = 0
     for batch in range(3 * prometheus.FOLD // 32 + 7):  # folds on the way, and at snapshot
+        run = runs[batch % len(runs)]
+        mixed = batch % 2 == 0
+        plain_batches += not mixed
         entries, ends = [], []
         for _ in range(32):
             took = rng.choice(picks) if rng.random() < 0.3 else rng.uniform(0, 400)
-            tries = rng.choice([1] * 8 + [0, 3])
-            name = rng.choice(["a", "b"])
-            e = JournalEntry("w", batch, "step", name, b"1", None, tries, t1 / 1e9 - took)
+            tries = rng.choice([1] * 8 + [0, 3]) if mixed else 1
+            name = rng.choice(names)
+            committed = (t1 + run.offset_ns) / 1e9  # on the store's clock
+            e = JournalEntry("w", batch, "step", name, b"1", None, tries, committed - took)
             entries.append(e)
             ends.append(t1)
-            if name == "a":
-                count += 1
-                attempts += tries
-                if tries:
-                    took = (t1 / 1e9) - e.started_at  # as the float arithmetic makes it
-                    expected[bisect.bisect_left(prometheus.LATENCY_BUCKETS, took)] += 1
-                    expected[-1] += took if took > 0 else 0.0
+            count[name] += 1
+            attempts[name] += tries
+            if tries:
+                took = committed - e.started_at  # as the float arithmetic makes it
+                expected[name][bisect.bisect_left(prometheus.LATENCY_BUCKETS, took)] += 1
+                expected[name][-1] += took if took > 0 else 0.0
         counters.steps(run, entries, ends)
+    assert plain_batches > prometheus.FOLD // 32
     counts, histograms = counters.snapshot()
-    assert counts["steps"][("fold_wf", "a", "ok")] == count
-    assert counts["step_attempts"][("fold_wf", "a")] == attempts
-    got = histograms["step_duration_seconds"][("fold_wf", "a")]
-    assert got[:-1] == expected[:-1]
-    assert got[-1] == pytest.approx(expected[-1], rel=1e-9)
-    assert sum(got[:-1]) < count  # those recorded without running have no duration
+    for name in names:
+        assert counts["steps"][("fold_wf", name, "ok")] == count[name]
+        assert counts["step_attempts"][("fold_wf", name)] == attempts[name]
+        got = histograms["step_duration_seconds"][("fold_wf", name)]
+        assert got[:-1] == expected[name][:-1], name
+        assert got[-1] == pytest.approx(expected[name][-1], rel=1e-9)
+        assert sum(got[:-1]) < count[name]  # those recorded without running: no duration
     assert counters.snapshot() == (counts, histograms)  # a scrape changes nothing
 
 
