@@ -60,6 +60,8 @@ SWEEP_S = 0.2
 """A commit is reported at the latest by the run's next commit after it has waited
 this long, or by the reporting thread when the run has not committed for this long."""
 _SWEEP_NS = int(SWEEP_S * 1e9)
+_BATCH2 = 2 * BATCH
+"""Items of :attr:`Run.pending` (a step and its time) that make a full batch."""
 _now_ns = time.time_ns
 
 
@@ -141,8 +143,8 @@ def _feed(sinks: Sequence[Sink], what: str, call: str, *args: Any) -> None:
 class Run:
     """One workflow run being reported (see the module documentation)."""
 
-    __slots__ = ("app", "debug", "ends", "extra", "lock", "name", "offset_ns", "pending",
-                 "replayed", "resumed", "since", "sinks", "span", "state", "token",
+    __slots__ = ("app", "debug", "lock", "name", "offset_ns", "pending", "replayed",
+                 "resumed", "since", "sinks", "span", "span_id", "state", "token",
                  "trace_id", "tracing", "version", "workflow_id")
 
     def __init__(self, app: App, rec: WorkflowRecord, resumed: int,
@@ -160,21 +162,20 @@ class Run:
         self.tracing: Any = None
         """Its app's :class:`~crashsafe.observe.otel.Tracing`, when it traces."""
         self.trace_id: str | None = None
+        self.span_id: str | None = None
         self.state: dict[int, Any] = {}
         """Per-sink state, keyed by ``id(sink)``."""
         self.replayed = 0
         self.offset_ns = int(app._clock_offset * 1e9)
         """The store's clock minus ours: records are stamped on the store's clock."""
-        self.extra: dict[str, Any] = {"workflow_id": rec.id, "workflow": rec.name}
         self.debug = log.isEnabledFor(logging.DEBUG)
-        self.pending: deque[JournalEntry] = deque()
-        """Step results not reported yet (appended without a lock: deques are
-        thread-safe)."""
-        self.ends: deque[int] = deque()
-        """When each one's commit returned. Kept apart (not in a tuple per step): with
-        many workflows at once they wait long enough to reach the garbage collector's
-        older generations, and one more tracked object per step made its collections
-        cost more than the rest of the metrics (see docs/benchmarks.md)."""
+        self.pending: deque[Any] = deque()
+        """Step results not reported yet, each followed by when its commit returned
+        (the pair appended at once, without a lock: ``deque.extend`` of a tuple is
+        atomic). Not a tuple per step: with many workflows at once they wait long
+        enough to reach the garbage collector's older generations, and one more
+        tracked object per step made its collections cost more than the rest of the
+        metrics (see docs/benchmarks.md)."""
         self.since = 0
         """When the oldest of them was committed (roughly: the reporting thread may
         take them meanwhile, which only makes the next report sooner)."""
@@ -183,10 +184,7 @@ class Run:
 
     def set_trace(self, trace_id: str | None, span_id: str | None) -> None:
         """Put the run's trace in its log lines."""
-        self.trace_id = trace_id
-        if trace_id is not None:
-            self.extra["trace_id"] = trace_id
-            self.extra["span_id"] = span_id
+        self.trace_id, self.span_id = trace_id, span_id
 
     def enter(self) -> Any:
         """Make the run's span current on this thread (spans your workflow and step code
@@ -210,15 +208,14 @@ class Run:
         """A step's plain result (:func:`plain`) was just committed, on the workflow's
         thread. It waits for company (see the module). Never raises."""
         t1 = _now_ns()
-        self.pending.append(e)
-        ends = self.ends
-        ends.append(t1)  # second: a flush takes as many entries as there are ends
-        n = len(ends)
-        if n == 1:
+        pending = self.pending
+        pending.extend((e, t1))  # the pair at once, whatever other threads append
+        n = len(pending)
+        if n == 2:
             self.since = t1
             with _waiting_lock:
                 _waiting.add(self)
-        elif n >= BATCH or t1 - self.since >= _SWEEP_NS:
+        elif n >= _BATCH2 or t1 - self.since >= _SWEEP_NS:
             self.flush()
 
     def committed(self, ops: Sequence[Op], t0: int) -> None:
@@ -254,10 +251,10 @@ class Run:
         # Not a copy and clear: another thread may append meanwhile (the reporting
         # thread flushes a run whose thread goes on; an async workflow's child start
         # commits from a worker thread while its other tasks commit steps).
-        pending, ends = self.pending, self.ends
-        n = len(ends)  # appended second: as many entries are there
-        entries = list(map(_popleft, repeat(pending, n)))  # one by one, in C
-        times = list(map(_popleft, repeat(ends, n)))
+        pending = self.pending
+        taken = list(map(_popleft, repeat(pending, len(pending))))  # one by one, in C
+        n = len(taken)
+        entries, times = taken[::2], taken[1::2]
         with _waiting_lock:  # one appended meanwhile waits for the next flush
             if pending:
                 _waiting.add(self)
@@ -315,12 +312,15 @@ class Run:
 
     def _log(self, level: int, msg: str, *args: Any, **fields: Any) -> None:
         if log.isEnabledFor(level):
-            log.log(level, msg, *args, extra={**self.extra, **fields})
+            extra = {"workflow_id": self.workflow_id, "workflow": self.name}
+            if self.trace_id is not None:
+                extra["trace_id"], extra["span_id"] = self.trace_id, self.span_id
+            log.log(level, msg, *args, extra={**extra, **fields})
 
     def end(self, outcome: str, error: BaseException | None, replayed: int) -> None:
         """The run ended (on the workflow's thread). Never raises."""
         with self.lock:  # also after the reporting thread's: reports never overlap
-            if self.ends:
+            if self.pending:
                 self._flush()
             elif self in _waiting:  # its steps reported by the reporting thread
                 with _waiting_lock:
@@ -386,10 +386,10 @@ def _sweep_once(limit: int) -> None:
         runs = list(_waiting)
     for run in runs:
         try:
-            newest = run.ends[-1]
+            newest = run.pending[-1]  # the time of the last step (pairs come whole)
         except IndexError:  # reported meanwhile (a step appending re-registers it)
             with _waiting_lock:
-                if not run.ends:
+                if not run.pending:
                     _waiting.discard(run)
             continue
         if newest <= limit:
