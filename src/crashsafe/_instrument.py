@@ -312,7 +312,7 @@ class Run:
 
     def _log(self, level: int, msg: str, *args: Any, **fields: Any) -> None:
         if log.isEnabledFor(level):
-            extra = {"workflow_id": self.workflow_id, "workflow": self.name}
+            extra: dict[str, Any] = {"workflow_id": self.workflow_id, "workflow": self.name}
             if self.trace_id is not None:
                 extra["trace_id"], extra["span_id"] = self.trace_id, self.span_id
             log.log(level, msg, *args, extra={**extra, **fields})
