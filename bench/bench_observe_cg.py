@@ -48,7 +48,6 @@ def child(case: str, workflows: int, steps: int, db_dir: str) -> None:
 
     random.seed(7)
     instrument.SWEEP_S = 1e6
-    instrument._SWEEP_NS = int(1e15)
     for name, w in (("warm", 2), ("counted", workflows)):
         args = argparse.Namespace(workflows=w, steps=steps, concurrency=1,
                                   db=os.path.join(db_dir, f"{name}.db"))

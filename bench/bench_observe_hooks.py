@@ -62,7 +62,6 @@ def child(mode: str, replays: int, steps: int, db_dir: str) -> None:
     from crashsafe.observe import prometheus
 
     instrument.SWEEP_S = 1e6
-    instrument._SWEEP_NS = 10**18
     prometheus.instrument()
     provider = _provider(mode)
     app = crashsafe.App(f"sqlite:///{os.path.join(db_dir, 'hooks.db')}",

@@ -781,6 +781,37 @@ def test_a_slow_step_does_not_hold_back_the_report_of_the_steps_before_it(
     assert names.count("step quick_s") == 2 and names.count("step slow_s") == 1
 
 
+def test_steps_that_come_slowly_are_reported_while_the_run_goes_on(
+        traced: tuple[App, InMemorySpanExporter]) -> None:
+    """Steps a few tens of milliseconds apart never fill a batch soon, and the run
+    never stops committing: the reporting thread reports them once the oldest has
+    waited SWEEP_S, while the run goes on (not all at its end)."""
+    app, exporter = traced
+    seen_during: list[int] = []
+
+    @app.step(name="paced_s")
+    def paced_s(i: int) -> int:
+        time.sleep(0.04)
+        return i
+
+    @app.workflow(name="paced_wf")
+    def paced_wf(n: int) -> int:
+        total = 0
+        for i in range(n):
+            total += paced_s(i)
+            if i == n - 1:
+                seen_during.append(
+                    len([s for s in _spans(exporter) if s.name == "step paced_s"]))
+        return total
+
+    n = 25  # 1 s of steps, fewer than a batch (32)
+    assert _instrument.BATCH > n
+    assert app.start(paced_wf, n, workflow_id="P-1").result(timeout=30) == sum(range(n))
+    app.close()
+    assert seen_during and seen_during[0] >= n // 3, seen_during
+    assert [s.name for s in _spans(exporter)].count("step paced_s") == n
+
+
 def test_a_span_processor_added_later_gets_the_next_spans(tmp_path: Path) -> None:
     first, second = InMemorySpanExporter(), InMemorySpanExporter()
     provider = TracerProvider()
@@ -1053,12 +1084,11 @@ def test_a_transactional_step_has_its_span_and_is_counted(
 
 
 def test_counters_fold_step_durations_in_bulk_as_one_at_a_time() -> None:
-    """Steps that succeeded are gathered and turned into counts and buckets in bulk
-    (Counters.steps, Counters._fold): the histogram, counts and attempts must be those
-    of observing each step on its own, per step name, across folds, bucket bounds,
-    zero and negative durations (clocks apart), retried steps and steps recorded
-    without running, batches of plain steps only (the quick way) and mixed ones, and
-    runs whose store clock is apart from ours."""
+    """Durations of steps that succeeded (``ended_at - started_at``) are gathered and
+    turned into buckets in bulk (Counters.steps, Counters._fold): the histogram, counts
+    and attempts must be those of observing each step on its own, per step name, across
+    folds, bucket bounds, zero and negative durations (clocks apart), retried steps and
+    steps recorded without running, in batches of plain steps only and mixed ones."""
     import random
 
     rng = random.Random(11)
@@ -1066,12 +1096,9 @@ def test_counters_fold_step_durations_in_bulk_as_one_at_a_time() -> None:
 
     class FakeRun:  # what Counters.steps reads of a run
         name = "fold_wf"
+        offset_ns = 0
 
-        def __init__(self, offset_ns: int) -> None:
-            self.offset_ns = offset_ns
-
-    runs: list[Any] = [FakeRun(0), FakeRun(250_000_000), FakeRun(-3_000_000_000)]
-    t1 = 1_700_000_000_000_000_000
+    run: Any = FakeRun()
     picks = [*prometheus.LATENCY_BUCKETS, 0.0, -0.5, 1e-9, 301.0, 1e4]
     names = ["b", "a", "c"]
     expected = {n: [0.0] * (len(prometheus.LATENCY_BUCKETS) + 2) for n in names}
@@ -1079,25 +1106,23 @@ def test_counters_fold_step_durations_in_bulk_as_one_at_a_time() -> None:
     attempts = dict.fromkeys(names, 0)
     plain_batches = 0
     for batch in range(3 * prometheus.FOLD // 32 + 7):  # folds on the way, and at snapshot
-        run = runs[batch % len(runs)]
         mixed = batch % 2 == 0
         plain_batches += not mixed
-        entries, ends = [], []
+        entries = []
         for _ in range(32):
             took = rng.choice(picks) if rng.random() < 0.3 else rng.uniform(0, 400)
             tries = rng.choice([1] * 8 + [0, 3]) if mixed else 1
             name = rng.choice(names)
-            committed = (t1 + run.offset_ns) / 1e9  # on the store's clock
-            e = JournalEntry("w", batch, "step", name, b"1", None, tries, committed - took)
+            ended = 1_700_000_000.0 + rng.uniform(0, 1e5)
+            e = JournalEntry("w", batch, "step", name, b"1", None, tries, ended - took, ended)
             entries.append(e)
-            ends.append(t1)
             count[name] += 1
             attempts[name] += tries
             if tries:
-                took = committed - e.started_at  # as the float arithmetic makes it
+                took = e.ended_at - e.started_at  # as the float arithmetic makes it
                 expected[name][bisect.bisect_left(prometheus.LATENCY_BUCKETS, took)] += 1
                 expected[name][-1] += took if took > 0 else 0.0
-        counters.steps(run, entries, ends)
+        counters.steps(run, entries)
     assert plain_batches > prometheus.FOLD // 32
     counts, histograms = counters.snapshot()
     for name in names:
@@ -1407,9 +1432,9 @@ class _CountingSink(_instrument.Sink):
         self.events: list[str] = []
         self.hold = hold
 
-    def steps(self, run: _instrument.Run, entries: Any, ends: Any) -> None:
+    def steps(self, run: _instrument.Run, entries: Any) -> None:
         self.events.append("steps-begin")
-        if len(entries) != len(ends):
+        if len({e.index for e in entries}) != len(entries):
             self.uneven += 1
         self.steps_seen += len(entries)
         time.sleep(self.hold)

@@ -22,14 +22,16 @@ result waits for company: it is reported with the next ones, :data:`BATCH` at mo
 when anything else commits, or when the run ends. One pass over many records costs
 far less than one call chain per record, which is what keeps observability within
 its overhead budget (see docs/benchmarks.md). None waits much longer than
-:data:`SWEEP_S`: the run's next step after that reports it, and so that a slow step
-does not hold back the report of the quick ones before it, a reporting thread looks
-every ``SWEEP_S / 2`` seconds for runs that have not committed for that long, and
-reports their steps. Otherwise no thread of ours does the work: it would share the
-interpreter lock with the workflows, and did not make sequential workflows faster
-(one back from its fsync waited for the lock) and made async ones slower (it took the
-lock from the event loop; handing it the commits of busy runs cost 100 async
-workflows at once about a tenth of their throughput). Exporting spans stays off the
+:data:`SWEEP_S`: a reporting thread looks every ``SWEEP_S / 2`` seconds for runs whose
+oldest waiting step has waited that long (a slow step after quick ones, or steps a
+few tens of milliseconds apart), and reports their steps; a run whose steps come
+quickly fills its batch long before. Otherwise no thread of ours does the work: it
+would share the interpreter lock with the workflows, and did not make sequential
+workflows faster (one back from its fsync waited for the lock) and made async ones
+slower (it took the lock from the event loop; handing it the commits of busy runs
+cost 100 async workflows at once about a tenth of their throughput). A step's times
+are its journal entry's own (``started_at``, ``ended_at``), so a step waiting costs
+no clock reading: the clock is read once a batch. Exporting spans stays off the
 workflow's thread: that is the job of the OpenTelemetry SDK's ``BatchSpanProcessor``.
 """
 
@@ -57,11 +59,8 @@ log = logging.getLogger("crashsafe")
 BATCH = 32
 """Step-result commits of one run reported together, at most."""
 SWEEP_S = 0.2
-"""A commit is reported at the latest by the run's next commit after it has waited
-this long, or by the reporting thread when the run has not committed for this long."""
-_SWEEP_NS = int(SWEEP_S * 1e9)
-_BATCH2 = 2 * BATCH
-"""Items of :attr:`Run.pending` (a step and its time) that make a full batch."""
+"""Steps that waited this long are reported by the reporting thread (within another
+half of it)."""
 _now_ns = time.time_ns
 
 
@@ -83,14 +82,15 @@ class Sink:
     def run_started(self, run: Run) -> None:
         """A workflow run began in this process."""
 
-    def steps(self, run: Run, entries: Sequence[JournalEntry], ends: Sequence[int]) -> None:
+    def steps(self, run: Run, entries: Sequence[JournalEntry]) -> None:
         """Steps of ``run`` that succeeded, oldest first, each committed alone with no
-        note (:func:`plain`), and when each commit returned (``ends[i]`` for
-        ``entries[i]``). By default :meth:`committed` once per step (with
-        ``t0 == t1``); override it to save the calls. Anything else ``run`` commits is
-        reported after them."""
-        for e, t1 in zip(entries, ends, strict=True):
-            self.committed(run, (e,), t1, t1)
+        note (:func:`plain`). A step's own times are its entry's ``started_at`` and
+        ``ended_at`` (the store's clock). By default :meth:`committed` once per step
+        (``t0`` and ``t1`` its ``ended_at`` on our clock); override it to save the
+        calls. Anything else ``run`` commits is reported after them."""
+        for e in entries:
+            t = int(e.ended_at * 1e9) - run.offset_ns
+            self.committed(run, (e,), t, t)
 
     def committed(self, run: Run, ops: Sequence[Op], t0: int, t1: int) -> None:
         """``ops`` were committed by ``run`` between ``t0`` and ``t1``: at least one of
@@ -169,13 +169,9 @@ class Run:
         self.offset_ns = int(app._clock_offset * 1e9)
         """The store's clock minus ours: records are stamped on the store's clock."""
         self.debug = log.isEnabledFor(logging.DEBUG)
-        self.pending: deque[Any] = deque()
-        """Step results not reported yet, each followed by when its commit returned
-        (the pair appended at once, without a lock: ``deque.extend`` of a tuple is
-        atomic). Not a tuple per step: with many workflows at once they wait long
-        enough to reach the garbage collector's older generations, and one more
-        tracked object per step made its collections cost more than the rest of the
-        metrics (see docs/benchmarks.md)."""
+        self.pending: deque[JournalEntry] = deque()
+        """Step results not reported yet (appended without a lock: deques are
+        thread-safe)."""
         self.since = 0
         """When the oldest of them was committed (roughly: the reporting thread may
         take them meanwhile, which only makes the next report sooner)."""
@@ -207,15 +203,14 @@ class Run:
     def step(self, e: JournalEntry) -> None:
         """A step's plain result (:func:`plain`) was just committed, on the workflow's
         thread. It waits for company (see the module). Never raises."""
-        t1 = _now_ns()
         pending = self.pending
-        pending.extend((e, t1))  # the pair at once, whatever other threads append
+        pending.append(e)
         n = len(pending)
-        if n == 2:
-            self.since = t1
+        if n == 1:  # the clock is read once a batch: the reporting thread ages it
+            self.since = _now_ns()
             with _waiting_lock:
                 _waiting.add(self)
-        elif n >= _BATCH2 or t1 - self.since >= _SWEEP_NS:
+        elif n >= BATCH:
             self.flush()
 
     def committed(self, ops: Sequence[Op], t0: int) -> None:
@@ -252,19 +247,17 @@ class Run:
         # thread flushes a run whose thread goes on; an async workflow's child start
         # commits from a worker thread while its other tasks commit steps).
         pending = self.pending
-        taken = list(map(_popleft, repeat(pending, len(pending))))  # one by one, in C
-        n = len(taken)
-        entries, times = taken[::2], taken[1::2]
+        entries = list(map(_popleft, repeat(pending, len(pending))))  # one by one, in C
         with _waiting_lock:  # one appended meanwhile waits for the next flush
             if pending:
                 _waiting.add(self)
             else:
                 _waiting.discard(self)
-        if not n:
+        if not entries:
             return
         for sink in self.sinks:
             try:
-                sink.steps(self, entries, times)
+                sink.steps(self, entries)
             except Exception:
                 _failed("a commit")
         if self.debug:  # a step's plain result is logged only when debugging
@@ -369,10 +362,10 @@ _sweeper_lock = threading.Lock()
 
 
 def _sweep() -> None:
-    """The reporting thread: report the waiting commits of runs that have not committed
-    for :data:`SWEEP_S` (busy in a slow step, or blocked). A run that commits reports
-    its own (see :meth:`Run.committed`): this thread would take the interpreter lock
-    from it."""
+    """The reporting thread: report the steps of runs whose oldest waiting step has
+    waited :data:`SWEEP_S` (a run busy in a slow step, blocked, or whose steps come
+    slowly). A run whose steps come quickly reports its own, a batch at a time (see
+    :meth:`Run.step`): this thread would take the interpreter lock from it."""
     while True:
         time.sleep(SWEEP_S / 2)
         try:
@@ -386,13 +379,13 @@ def _sweep_once(limit: int) -> None:
         runs = list(_waiting)
     for run in runs:
         try:
-            newest = run.pending[-1]  # the time of the last step (pairs come whole)
+            run.pending[0]
         except IndexError:  # reported meanwhile (a step appending re-registers it)
             with _waiting_lock:
                 if not run.pending:
                     _waiting.discard(run)
             continue
-        if newest <= limit:
+        if run.since <= limit:
             run.flush()
 
 

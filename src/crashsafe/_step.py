@@ -203,12 +203,12 @@ class Step(Generic[P, R]):
                 )
             _codec.check_rebuild(result, data, self.return_type, what)
         return JournalEntry(ctx.workflow_id, idx, "step", self.name, data, None, attempts,
-                            started, time.time())
+                            started, ctx.app.clock())  # the clock ``started`` is on
 
     def _record_error(self, ctx: WorkflowContext, idx: int, exc: Exception, attempts: int,
                       started: float) -> JournalEntry:
         return JournalEntry(ctx.workflow_id, idx, "step", self.name, None, error_payload(exc),
-                            attempts, started, time.time())
+                            attempts, started, ctx.app.clock())
 
     def _call_with_timeout(self, fn: Callable[..., Any], args: Any, kwargs: Any) -> Any:
         if self.timeout is None:

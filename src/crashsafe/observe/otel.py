@@ -308,9 +308,9 @@ class Tracing(Sink):
             kind = op.kind
             if kind == "step":
                 if op.error is None and op.note is None and not st.attempts:
-                    self._plain_step(run, st.parent, op, t1)
+                    self._plain_step(run, st.parent, op)
                 else:
-                    self._step(run, st, op, t1)
+                    self._step(run, st, op)
             elif kind == "checkpoint":
                 self._span(st.parent, f"checkpoint {op.name}", t0, t1, {
                     "crashsafe.step.index": op.index,
@@ -334,7 +334,7 @@ class Tracing(Sink):
                     "crashsafe.step.index": op.index,
                     "crashsafe.outcome": "error" if op.error else "ok"}, error=op.error)
 
-    def steps(self, run: Run, entries: Sequence[JournalEntry], ends: Sequence[int]) -> None:
+    def steps(self, run: Run, entries: Sequence[JournalEntry]) -> None:
         """:meth:`committed` for each step, with the spans of those that succeeded at
         once (nearly all) made in one pass (see :class:`_Direct`)."""
         st = run.state.get(self._key)
@@ -344,8 +344,9 @@ class Tracing(Sink):
         if parent is None:
             return
         if direct is None or st.attempts or st.sleep is not None:
-            for e, t1 in zip(entries, ends, strict=True):
-                self.committed(run, (e,), t1, t1)
+            for e in entries:
+                t = _ns(e.ended_at, run)
+                self.committed(run, (e,), t, t)
             return
         finish = direct.ends()
         make, readable, new_id = direct.make_context, direct.span_type, direct.new_id
@@ -354,11 +355,12 @@ class Tracing(Sink):
         resource, kind, scope, unset = direct.resource, direct.kind, direct.scope, self._unset
         names, offset = self._step_names, run.offset_ns
         made: list[Any] = []
-        for e, t1 in zip(entries, ends, strict=True):  # _plain_step, inline
+        for e in entries:  # _plain_step, inline
             name = names.get(e.name)
             if name is None:
                 name = self._step_name(e.name)
             start = int(e.started_at * 1e9) - offset
+            end = int(e.ended_at * 1e9) - offset
             if fast:  # _fast_context and the SDK's RandomIdGenerator, inline
                 ctx = _new_tuple(context_type, (trace_id, bits(64) or new_id(), False, flags,
                                                 state, True))
@@ -368,9 +370,9 @@ class Tracing(Sink):
                 name, ctx, parent, resource,
                 {"crashsafe.step.index": e.index, "crashsafe.step.name": e.name,
                  "crashsafe.step.attempts": e.attempts, "crashsafe.outcome": "ok"},
-                (), (), kind, None, unset, start, t1 if t1 > start else start, scope))
-        for end in finish:
-            end(made)
+                (), (), kind, None, unset, start, end if end > start else start, scope))
+        for ender in finish:
+            ender(made)
 
     def _step_name(self, step: str) -> str:
         name = f"step {step}"
@@ -424,22 +426,22 @@ class Tracing(Sink):
         self._span(st.parent, "sleep", begun, max(begun, min(wake, now)),
                    {"crashsafe.step.index": index})
 
-    def _plain_step(self, run: Run, parent: SpanContext, e: JournalEntry, t1: int) -> None:
+    def _plain_step(self, run: Run, parent: SpanContext, e: JournalEntry) -> None:
         """The span of a step that succeeded at once (nearly all): :meth:`_step`, with
         only what such a step needs (this runs once per step, in the workflow)."""
         name = self._step_names.get(e.name)
         if name is None:
             name = self._step_name(e.name)
-        start = int(e.started_at * 1e9) - run.offset_ns
+        start, end = _ns(e.started_at, run), _ns(e.ended_at, run)
         attrs = {"crashsafe.step.index": e.index, "crashsafe.step.name": e.name,
                  "crashsafe.step.attempts": e.attempts, "crashsafe.outcome": "ok"}
         if self._direct is not None:
-            self._direct.record(parent, name, start, t1 if t1 > start else start, attrs,
+            self._direct.record(parent, name, start, end if end > start else start, attrs,
                                 self._unset)
         else:
-            self._span(parent, name, start, t1, attrs)
+            self._span(parent, name, start, end, attrs)
 
-    def _step(self, run: Run, st: _RunState, e: JournalEntry, t1: int) -> None:
+    def _step(self, run: Run, st: _RunState, e: JournalEntry) -> None:
         assert st.parent is not None
         attrs: dict[str, Any] = {
             "crashsafe.step.index": e.index,
@@ -452,7 +454,8 @@ class Tracing(Sink):
         else:
             attrs["crashsafe.outcome"] = "deduplicated" \
                 if (e.note or "").startswith("deduplicated") else "ok"
-        step = self._span(st.parent, f"step {e.name}", _ns(e.started_at, run), t1, attrs,
+        step = self._span(st.parent, f"step {e.name}", _ns(e.started_at, run),
+                          _ns(e.ended_at, run), attrs,
                           error=e.error)
         rows = st.attempts.pop(e.index, None)
         if rows:

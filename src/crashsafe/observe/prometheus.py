@@ -148,24 +148,23 @@ class Counters(_instrument.Sink):
         with self._lock:
             self._committed(run, ops, t0, t1)
 
-    def steps(self, run: Run, entries: Sequence[JournalEntry], ends: Sequence[int]) -> None:
+    def steps(self, run: Run, entries: Sequence[JournalEntry]) -> None:
         """Steps that succeeded (nearly all): for each, its duration is kept in a list
         per workflow and step name, and the lists are turned into counts and buckets
         in bulk, with the interpreter's sort and bisect (:meth:`_fold`): about a
         third of the work of a bucket, a count and a sum updated per step."""
-        offset = run.offset_ns
         with self._lock:
             took = self._took.get(run.name)
             if took is None:
                 took = self._took[run.name] = {}
-            for e, t1 in zip(entries, ends, strict=True):
+            for e in entries:
                 durations = took.get(e.name)
                 if durations is None:
                     durations = self._cell(run.name, e.name)
                 if e.attempts == 1:
-                    durations.append((t1 + offset) / 1e9 - e.started_at)  # store's clock
+                    durations.append(e.ended_at - e.started_at)
                 else:
-                    self._retried(run, e, t1)
+                    self._retried(run, e)
             for step, durations in took.items():
                 if len(durations) >= FOLD:
                     self._fold(self._ok[run.name][step], durations)
@@ -176,11 +175,11 @@ class Counters(_instrument.Sink):
         self._took[workflow][step] = durations
         return durations
 
-    def _retried(self, run: Run, e: JournalEntry, t1: int) -> None:
+    def _retried(self, run: Run, e: JournalEntry) -> None:
         """A step that succeeded after retries, or was recorded without running
         (``attempts == 0``: counted, with no duration)."""
         if e.attempts:
-            self._took[run.name][e.name].append((t1 + run.offset_ns) / 1e9 - e.started_at)
+            self._took[run.name][e.name].append(e.ended_at - e.started_at)
             self._ok[run.name][e.name][1] += e.attempts - 1
         else:
             self._ok[run.name][e.name][0] += 1
@@ -235,7 +234,7 @@ class Counters(_instrument.Sink):
             if type(op) is JournalEntry:
                 kind = op.kind
                 if kind == "step":
-                    self._step(name, op, (t1 + run.offset_ns) / 1e9)  # on the store clock
+                    self._step(name, op)
                 elif kind == "checkpoint":
                     self._add("checkpoints", (name,))
                     self._add("checkpoint_bytes", (name,), len(op.output or b""))
@@ -245,7 +244,7 @@ class Counters(_instrument.Sink):
             elif type(op) is AttemptRecord and op.ended_at is not None and op.failure_class:
                 self._add("attempt_failures", (name, op.step, op.failure_class))
 
-    def _step(self, name: str, e: JournalEntry, now: float) -> None:
+    def _step(self, name: str, e: JournalEntry) -> None:
         if e.error is not None:
             outcome = "error"
             if e.attempts == 1:  # a first attempt that was not retried has no row
@@ -256,7 +255,7 @@ class Counters(_instrument.Sink):
         if e.attempts:
             self._add("step_attempts", (name, e.name), e.attempts)
             self._observe("step_duration_seconds", (name, e.name),
-                          max(0.0, now - e.started_at))
+                          max(0.0, e.ended_at - e.started_at))
 
     # The collector side (prometheus_client calls these) ----------------------------------
     def describe(self) -> list[Metric]:
