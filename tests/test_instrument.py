@@ -805,7 +805,7 @@ def test_steps_that_come_slowly_are_reported_while_the_run_goes_on(
         return total
 
     n = 25  # 1 s of steps, fewer than a batch (32)
-    assert _instrument.BATCH > n
+    assert n < _instrument.BATCH
     assert app.start(paced_wf, n, workflow_id="P-1").result(timeout=30) == sum(range(n))
     app.close()
     assert seen_during and seen_during[0] >= n // 3, seen_during
@@ -862,8 +862,10 @@ def test_the_direct_start_span_decides_as_start_span_does() -> None:
         ALWAYS_ON,
         Decision,
         ParentBased,
+        ParentBasedTraceIdRatio,
         Sampler,
         SamplingResult,
+        TraceIdRatioBased,
     )
     from opentelemetry.trace import (
         NonRecordingSpan,
@@ -914,7 +916,10 @@ def test_the_direct_start_span_decides_as_start_span_does() -> None:
     sampled_parent = SpanContext(0x1111, 0x2222, False, TraceFlags(TraceFlags.SAMPLED))
     remote_unsampled = SpanContext(0x3333, 0x4444, True, TraceFlags(0))
     checked = 0
-    for sampler in (ALWAYS_ON, ALWAYS_OFF, ParentBased(ALWAYS_OFF), RecordOnly()):
+    samplers = (ALWAYS_ON, ALWAYS_OFF, ParentBased(ALWAYS_OFF), RecordOnly(),
+                ParentBased(TraceIdRatioBased(0.5), remote_parent_not_sampled=ALWAYS_ON),
+                TraceIdRatioBased(0.5))
+    for sampler in samplers:
         for parent in (None, sampled_parent, remote_unsampled):
             got: list[Any] = []
             for way in ("direct", "start_span"):
@@ -929,7 +934,7 @@ def test_the_direct_start_span_decides_as_start_span_does() -> None:
                     if parent is not None else None
                 try:
                     if way == "direct":
-                        ids = direct.start("start wf", dict(attrs))
+                        ids = direct.start("wf", "W-9")
                     else:
                         span = tracer.start_span("start wf", kind=SpanKind.PRODUCER,
                                                  attributes=dict(attrs))
@@ -943,15 +948,49 @@ def test_the_direct_start_span_decides_as_start_span_does() -> None:
             assert got[0] == got[1], (sampler, parent)
             checked += bool(got[0][1])
     # Recorded: under ALWAYS_ON and RecordOnly everywhere, under ParentBased(ALWAYS_OFF)
-    # only as a child of the sampled span.
-    assert checked == 7
+    # only as a child of the sampled span; by trace id for the ratio samplers.
+    assert checked >= 7
+
+    # The SDK's own samplers are decided without asking them: as they decide, for any
+    # trace id and parent. Others, and subclasses deciding for themselves, are asked.
+    class Mine(TraceIdRatioBased):
+        def should_sample(self, *args: Any, **kwargs: Any) -> SamplingResult:
+            return SamplingResult(Decision.RECORD_AND_SAMPLE)
+
+    rng = __import__("random").Random(5)
+    parents = [None, sampled_parent, remote_unsampled,
+               SpanContext(0x3333, 0x4444, True, TraceFlags(TraceFlags.SAMPLED)),
+               SpanContext(0x1111, 0x2222, False, TraceFlags(0))]
+    ours = [ALWAYS_ON, ALWAYS_OFF, ParentBased(ALWAYS_ON), ParentBased(ALWAYS_OFF),
+            TraceIdRatioBased(0.0), TraceIdRatioBased(0.3), TraceIdRatioBased(1.0),
+            ParentBased(TraceIdRatioBased(0.1)), ParentBasedTraceIdRatio(0.7),
+            ParentBased(TraceIdRatioBased(0.5), remote_parent_sampled=ALWAYS_OFF,
+                        remote_parent_not_sampled=TraceIdRatioBased(0.5),
+                        local_parent_sampled=TraceIdRatioBased(0.2),
+                        local_parent_not_sampled=ALWAYS_ON)]
+    compared = 0
+    for sampler in ours:
+        decide = otel._decider(sampler)
+        assert decide is not None, sampler
+        for parent in parents:
+            ctx = set_span_in_context(NonRecordingSpan(parent)) if parent is not None \
+                else None
+            for _ in range(200):
+                trace_id = rng.getrandbits(128) or 1
+                asked = sampler.should_sample(ctx, trace_id, "start wf").decision
+                assert decide(parent, trace_id) == asked.is_sampled(), (sampler, parent)
+                compared += 1
+    assert compared == len(ours) * len(parents) * 200
+    for other in (RecordOnly(), Mine(0.5), ParentBased(RecordOnly()),
+                  ParentBased(ALWAYS_ON, local_parent_sampled=Mine(0.1))):
+        assert otel._decider(other) is None, other
 
     provider = TracerProvider()
     tracer = provider.get_tracer("crashsafe", crashsafe.__version__)
     direct = otel._Direct.of(tracer)
     assert direct is not None and direct.direct_start
     tracer._is_enabled = lambda: False  # type: ignore[method-assign]
-    assert direct.start("start wf", {}) is None  # start_span decides (no span)
+    assert direct.start("wf", None) is None  # start_span decides (no span)
     counting = provider.get_tracer("counted", "1")
     counting._tracer_metrics = object()  # type: ignore[attr-defined]
     counted = otel._Direct.of(counting)
