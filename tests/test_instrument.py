@@ -997,6 +997,34 @@ def test_the_direct_start_span_decides_as_start_span_does() -> None:
     assert counted is not None and not counted.direct_start
 
 
+def test_a_runs_span_is_made_current_as_the_api_would(tmp_path: Path) -> None:
+    """Tracing.attach sets the API's context variable itself (the default runtime
+    context): the context it makes current is the API's own, other entries (baggage)
+    kept, and detach restores the one before; the API's way when the fast one is off."""
+    from opentelemetry import baggage, context
+    from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+
+    app = App(f"sqlite:///{tmp_path / 'attach.db'}", tracing=TracerProvider())
+    tracing = app._tracer()
+    assert tracing._current is not None  # this API keeps its context in a variable
+    span = NonRecordingSpan(SpanContext(1, 2, False, TraceFlags(TraceFlags.SAMPLED)))
+    outer = context.attach(baggage.set_baggage("tenant", "t-1"))
+    try:
+        before = context.get_current()
+        for fast in (True, False):
+            if not fast:
+                tracing._current = None
+            token = tracing.attach(span)
+            assert context.get_current() == trace_api.set_span_in_context(span, before)
+            assert trace_api.get_current_span() is span
+            assert baggage.get_baggage("tenant") == "t-1"
+            tracing.detach(token)
+            assert context.get_current() is before
+    finally:
+        context.detach(outer)
+        app.close()
+
+
 def test_json_formatter_times_secrets_and_odd_values() -> None:
     fmt = JsonFormatter()
 
