@@ -652,6 +652,12 @@ def test_a_broken_listener_or_tracer_does_not_stop_workflows(
         def run_ended(self, run: Any, outcome: str, error: Any, at: int) -> None:
             raise RuntimeError("listener bug")
 
+        def run_started(self, run: Any) -> None:
+            raise RuntimeError("listener bug")
+
+        def steps(self, run: Any, entries: Any) -> None:
+            raise RuntimeError("listener bug")
+
     class BadTracer:
         def start_span(self, *args: Any, **kwargs: Any) -> Any:
             raise RuntimeError("tracer bug")
@@ -683,7 +689,8 @@ def test_a_broken_listener_or_tracer_does_not_stop_workflows(
         _instrument.remove_sink(broken)
     said = {r.getMessage().split(" (")[0] for r in caplog.records if r.name == "crashsafe"}
     assert {"crashsafe could not report a commit", "crashsafe could not report the end of "
-            "a run", "crashsafe could not report the start of a workflow"} <= said
+            "a run", "crashsafe could not report the start of a workflow",
+            "crashsafe could not report the start of a run"} <= said
 
 
 def test_a_wait_for_a_signal_is_a_span_from_its_start_to_the_signal(

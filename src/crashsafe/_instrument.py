@@ -320,8 +320,12 @@ class Run:
                     _waiting.discard(self)
         self.replayed = replayed
         if self.sinks:
-            _feed(self.sinks, "the end of a run", "run_ended", self, outcome, error,
-                  time.time_ns())
+            at = time.time_ns()
+            for sink in self.sinks:  # _feed, without looking the method up by name
+                try:
+                    sink.run_ended(self, outcome, error, at)
+                except Exception:
+                    _failed("the end of a run")
         try:
             self._log_end(outcome, error)
         except Exception:
@@ -438,7 +442,11 @@ def _begin(app: App, rec: WorkflowRecord, resumed: int) -> Run | None:
             if not sinks and not log.isEnabledFor(logging.INFO):
                 return run
     if sinks:
-        _feed(sinks, "the start of a run", "run_started", run)
+        for sink in sinks:  # _feed, without looking the method up by name
+            try:
+                sink.run_started(run)
+            except Exception:
+                _failed("the start of a run")
     if resumed:
         run._log(logging.INFO, "workflow %s resumed under lease %d, %d recorded entries "
                  "to replay", rec.id, rec.token, resumed)

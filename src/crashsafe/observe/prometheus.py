@@ -110,6 +110,8 @@ class Counters(_instrument.Sink):
         # Per label set: the count of each bucket (not cumulative), then the sum.
         self.histograms: dict[str, dict[tuple[str, ...], list[float]]] = {
             name: {} for name, _, _ in _HISTOGRAMS}
+        self._runs, self._runs_ended = self.counts["workflow_runs"], \
+            self.counts["workflow_runs_ended"]
         self.registry = pc.CollectorRegistry(auto_describe=False)
         self.registry.register(self)
         self._lock = threading.Lock()
@@ -132,12 +134,16 @@ class Counters(_instrument.Sink):
         cells[-1] += value
 
     def run_started(self, run: Run) -> None:
-        with self._lock:
-            self._add("workflow_runs", (run.name, "true" if run.resumed else "false"))
+        labels = (run.name, "true" if run.resumed else "false")
+        series = self._runs
+        with self._lock:  # _add, inline (once a run)
+            series[labels] = series.get(labels, 0.0) + 1.0
 
     def run_ended(self, run: Run, outcome: str, error: BaseException | None, at: int) -> None:
+        labels = (run.name, outcome)
+        series = self._runs_ended
         with self._lock:
-            self._add("workflow_runs_ended", (run.name, outcome))
+            series[labels] = series.get(labels, 0.0) + 1.0
 
     def recovered(self, claimed: int, dead_lettered: int) -> None:
         with self._lock:
