@@ -25,11 +25,12 @@ span, so the whole story is one trace. (A workflow started before its app traced
 no stamp: each of its runs starts a trace of its own.)
 
 Step, attempt, checkpoint, sleep and wait spans are built from the records each
-commit made durable, with their recorded start and end times, on the workflow's thread
-(a few microseconds a span): at once for anything but a step's plain result, and for
-those in batches of up to :data:`crashsafe._instrument.BATCH`, within about 0.3 s of
-the commit at the latest (then from crashsafe's reporting thread, when the workflow is
-busy in a slow step). A process killed with -9 loses the spans of the last fraction of
+commit made durable, with their recorded start and end times (a step's span runs from
+its first attempt's start to its result, as its journal entry records them; the
+commit that follows is the run's), on the workflow's thread (a few microseconds a
+span): at once for anything but a step's plain result, and for those in batches of up
+to :data:`crashsafe._instrument.BATCH`, within about 0.3 s of the commit at the latest
+(then from crashsafe's reporting thread, when a batch fills slowly). A process killed with -9 loses the spans of the last fraction of
 a second it had not reported yet, as it loses those its span processor had not
 exported yet. They go to the provider's span processors: use a ``BatchSpanProcessor`` in
 production, which exports on a thread of its own, so the workflow never waits for the
