@@ -22,17 +22,18 @@ result waits for company: it is reported with the next ones, :data:`BATCH` at mo
 when anything else commits, or when the run ends. One pass over many records costs
 far less than one call chain per record, which is what keeps observability within
 its overhead budget (see docs/benchmarks.md). None waits much longer than
-:data:`SWEEP_S`: a reporting thread looks every ``SWEEP_S / 2`` seconds for runs whose
-oldest waiting step has waited that long (a slow step after quick ones, or steps a
-few tens of milliseconds apart), and reports their steps; a run whose steps come
-quickly fills its batch long before. Otherwise no thread of ours does the work: it
+:data:`SWEEP_S`: a run whose oldest waiting step has waited about that long reports
+its steps at its next step, and a reporting thread looks every ``SWEEP_S / 2``
+seconds for runs whose steps have waited longer (a slow step after quick ones, or a
+run blocked) and reports them. Otherwise no thread of ours does the work: it
 would share the interpreter lock with the workflows, and did not make sequential
 workflows faster (one back from its fsync waited for the lock) and made async ones
 slower (it took the lock from the event loop; handing it the commits of busy runs
 cost 100 async workflows at once about a tenth of their throughput). A step's times
-are its journal entry's own (``started_at``, ``ended_at``), so a step waiting costs
-no clock reading: the clock is read once a batch. Exporting spans stays off the
-workflow's thread: that is the job of the OpenTelemetry SDK's ``BatchSpanProcessor``.
+are its journal entry's own (``started_at``, ``ended_at``), and a waiting step's age
+is counted in the reporting thread's ticks (:data:`_tick`): a step reads no clock.
+Exporting spans stays off the workflow's thread: that is the job of the OpenTelemetry
+SDK's ``BatchSpanProcessor``.
 """
 
 from __future__ import annotations
@@ -59,8 +60,8 @@ log = logging.getLogger("crashsafe")
 BATCH = 32
 """Step-result commits of one run reported together, at most."""
 SWEEP_S = 0.2
-"""Steps that waited this long are reported by the reporting thread (within another
-half of it)."""
+"""Steps that waited about this long are reported at their run's next step, and by
+the reporting thread if that does not come within another half of it."""
 _now_ns = time.time_ns
 
 
@@ -173,8 +174,9 @@ class Run:
         """Step results not reported yet (appended without a lock: deques are
         thread-safe)."""
         self.since = 0
-        """When the oldest of them was committed (roughly: the reporting thread may
-        take them meanwhile, which only makes the next report sooner)."""
+        """The reporting thread's tick (:data:`_tick`) when the oldest of them was
+        committed (roughly: the reporting thread may take them meanwhile, which only
+        makes the next report sooner)."""
         self.lock = threading.Lock()
         """Held while reporting, so one run's reports never overlap nor reorder."""
 
@@ -206,11 +208,11 @@ class Run:
         pending = self.pending
         pending.append(e)
         n = len(pending)
-        if n == 1:  # the clock is read once a batch: the reporting thread ages it
-            self.since = _now_ns()
+        if n == 1:
+            self.since = _tick  # not the clock: the reporting thread's ticks
             with _waiting_lock:
                 _waiting.add(self)
-        elif n >= BATCH:
+        elif n >= BATCH or _tick - self.since >= 2:
             self.flush()
 
     def committed(self, ops: Sequence[Op], t0: int) -> None:
@@ -366,16 +368,25 @@ _sweeper_lock = threading.Lock()
 
 
 def _sweep() -> None:
-    """The reporting thread: report the steps of runs whose oldest waiting step has
-    waited :data:`SWEEP_S` (a run busy in a slow step, blocked, or whose steps come
-    slowly). A run whose steps come quickly reports its own, a batch at a time (see
-    :meth:`Run.step`): this thread would take the interpreter lock from it."""
+    """The reporting thread: count :data:`_tick` up every ``SWEEP_S / 2`` seconds, and
+    report the steps of runs whose oldest waiting step has waited three ticks (a run
+    busy in a slow step, blocked, or whose steps come more than a tick apart). A run
+    whose steps come quickly reports its own, a batch at a time or once its oldest
+    has waited two ticks (see :meth:`Run.step`): this thread would take the
+    interpreter lock from it (from the event loop, for async workflows)."""
+    global _tick
     while True:
         time.sleep(SWEEP_S / 2)
+        _tick += 1
         try:
-            _sweep_once(time.time_ns() - int(SWEEP_S * 1e9))
+            _sweep_once(_tick - 3)
         except Exception:  # it must outlive anything: no one restarts it
             _failed("waiting steps")
+
+
+_tick = 0
+"""Counted up by the reporting thread every ``SWEEP_S / 2`` seconds: what a waiting
+step's age is measured in (a step reads it, not the clock, which may also jump)."""
 
 
 def _sweep_once(limit: int) -> None:

@@ -30,11 +30,12 @@ its first attempt's start to its result, as its journal entry records them; the
 commit that follows is the run's), on the workflow's thread (a few microseconds a
 span): at once for anything but a step's plain result, and for those in batches of up
 to :data:`crashsafe._instrument.BATCH`, within about 0.3 s of the commit at the latest
-(then from crashsafe's reporting thread, when a batch fills slowly). A process killed with -9 loses the spans of the last fraction of
-a second it had not reported yet, as it loses those its span processor had not
-exported yet. They go to the provider's span processors: use a ``BatchSpanProcessor`` in
-production, which exports on a thread of its own, so the workflow never waits for the
-exporter (a ``SimpleSpanProcessor`` exports each span on the spot, in the workflow).
+(at the run's next step, or from crashsafe's reporting thread). A process killed with
+-9 loses the spans of the last fraction of a second it had not reported yet, as it
+loses those its span processor had not exported yet. They go to the provider's span
+processors: use a ``BatchSpanProcessor`` in production, which exports on a thread of
+its own, so the workflow never waits for the exporter (a ``SimpleSpanProcessor``
+exports each span on the spot, in the workflow).
 With head sampling (``TracerProvider(sampler=ParentBased(TraceIdRatioBased(r)))``)
 a workflow's runs and steps follow the decision made for its ``start`` span: an
 unsampled workflow makes no span at all.
