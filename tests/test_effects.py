@@ -225,3 +225,36 @@ def test_a_key_held_by_a_stopped_workflow_is_refused_not_waited_on_forever(
         app.start(wf["refunder"], "order-77", 3.0, workflow_id="B").result(timeout=10)
     assert "holds key 'refund:order-77' but stopped (cancelled)" in str(info.value)
     assert wf["applied"] == []
+
+
+def test_a_steps_start_and_end_are_on_one_clock_when_the_stores_is_apart(
+        make_app: AppFactory) -> None:
+    """A step's ``started_at`` and ``ended_at`` are both on the store's clock, whatever
+    the offset of ours (durations, spans and ``crashsafe stats`` subtract them): a
+    plain result, an effect that failed, and an effect deduplicated by its key."""
+    app = make_app()
+    wf = _effect_app(app)
+    app.launch()
+    app._sync_clock = lambda: None  # type: ignore[method-assign]
+    app._clock_offset = 3600.0  # the store's clock an hour ahead of ours
+
+    @app.step(name="plain_s")
+    def plain_s() -> int:
+        return 1
+
+    @app.workflow(name="plain_wf")
+    def plain_wf() -> int:
+        return plain_s()
+
+    assert app.start(plain_wf, workflow_id="C-1").result(timeout=10) == 1
+    app.start(wf["refunder"], "order-9", 1.0, workflow_id="C-2").result(timeout=10)
+    app.start(wf["refunder"], "order-9", 1.0, workflow_id="C-3").result(timeout=10)
+    with pytest.raises(ValueError, match="card declined"):
+        app.start(wf["declined"], workflow_id="C-4").result(timeout=10)
+    entries = {wid: app.journal(wid)[0] for wid in ("C-1", "C-2", "C-3", "C-4")}
+    assert (entries["C-3"].note or "").startswith("deduplicated")
+    assert entries["C-4"].error is not None
+    now = app.clock()
+    for wid, e in entries.items():
+        assert 0.0 <= e.ended_at - e.started_at < 30.0, (wid, e.started_at, e.ended_at)
+        assert abs(e.ended_at - now) < 60.0, wid  # the store's clock, not ours

@@ -209,7 +209,7 @@ def settled_ops(step: Step[Any, Any], ctx: WorkflowContext, idx: int, plan: Plan
     if error is not None:
         err = error_payload(error)
         entry = JournalEntry(ctx.workflow_id, idx, "step", step.name, None, err, attempts,
-                             started, at, plan.note)
+                             started, ctx.app.clock(), plan.note)  # ``started``'s clock
         out: bytes | None = None
     else:
         entry = step._record_result(ctx, idx, value, attempts, started)

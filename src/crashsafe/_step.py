@@ -327,7 +327,8 @@ class Step(Generic[P, R]):
         plan = _effects.prepare(self, ctx, idx, args, kwargs, user_key) if self.effect else None
         if plan is not None and plan.done:
             error = plan.error if isinstance(plan.error, Exception) else None
-            ops = self._settled(ctx, idx, plan, plan.value, error, 0, time.time())
+            ops = self._settled(ctx, idx, plan, plan.value, error, 0,
+                                ctx.app.clock())
             ctx.commit(ops)
             if error is not None:
                 raise live_step_failure(self.name, error)
@@ -537,7 +538,8 @@ class Step(Generic[P, R]):
                                            user_key)
             if plan.done:
                 error = plan.error if isinstance(plan.error, Exception) else None
-                ops = self._settled(ctx, idx, plan, plan.value, error, 0, time.time())
+                ops = self._settled(ctx, idx, plan, plan.value, error, 0,
+                                    ctx.app.clock())
                 await ctx.commit_async(ops)
                 if error is not None:
                     raise live_step_failure(self.name, error)
