@@ -112,9 +112,9 @@ def child(mode: str, replays: int, steps: int, db_dir: str) -> None:
     unstamped = rec.inputs
 
     def one() -> None:
-        record = Record(tracer.stamp_start(unstamped, rec.name, rec.id)
-                        if tracer is not None else unstamped)
-        run = instrument.begin(app, record, 0)
+        inputs, stamp = tracer.stamp_start(unstamped, rec.name, rec.id) \
+            if tracer is not None else (unstamped, None)
+        run = instrument.begin(app, Record(inputs), 0, stamp)
         if run is None:
             raise SystemExit("nothing listens: the hooks were not called")
         scope = run.enter()

@@ -1378,9 +1378,9 @@ def test_the_stamp_is_read_from_the_end_of_the_inputs_only() -> None:
 @pytest.mark.parametrize("ratio", [1.0, 0.0])
 def test_a_run_begun_right_after_its_start_reuses_the_stamp(tmp_path: Path,
                                                              ratio: float) -> None:
-    """app.start hands its run the stamp it just wrote (Tracing._handoff) instead of
-    reading it back from the inputs: the same parent as reading it gives, sampled or
-    not, and used (the hand-off is taken)."""
+    """app.start hands its run the stamp it just wrote (what Tracing.stamp_start
+    returns) instead of reading it back from the inputs: the same parent as reading it
+    gives, sampled or not, and used."""
     from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
     exporter = InMemorySpanExporter()
@@ -1395,15 +1395,24 @@ def test_a_run_begun_right_after_its_start_reuses_the_stamp(tmp_path: Path,
             16, "big").hex()
 
     inputs = b'{"args":[],"kwargs":{}}'
-    stamped_inputs = tracing.stamp_start(inputs, "handoff_wf", "H-0")
-    kept, value, parent = tracing._handoffs[id(stamped_inputs)]
-    assert kept is stamped_inputs and value == stamped(stamped_inputs)
+    stamped_inputs, handed = tracing.stamp_start(inputs, "handoff_wf", "H-0")
+    assert handed is not None
+    value, parent = handed
+    assert value == stamped(stamped_inputs)
     assert parent == parse_traceparent(value)
     assert parent.is_remote and parent.trace_flags.sampled == (ratio == 1.0)
-    tracing._handoffs.clear()
 
+    seen: list[Any] = []
+    real_begin = tracing.begin
+
+    def begin(run: _instrument.Run, inputs: bytes, handed: Any = None) -> bool:
+        seen.append((stamped(inputs), handed))
+        return real_begin(run, inputs, handed)
+
+    tracing.begin = begin
     trace_hex = app.start(handoff_wf, workflow_id="H-1").result(timeout=10)
-    assert tracing._handoffs == {}  # taken by the run's begin
+    assert len(seen) == 1 and seen[0][1] is not None  # handed, not read back
+    assert seen[0][1] == (seen[0][0], parse_traceparent(seen[0][0]))
     stored = parse_traceparent(stamped(app.get_workflow("H-1").inputs))
     assert stored is not None and f"{stored.trace_id:032x}" == trace_hex
     app.close()
@@ -1416,15 +1425,10 @@ def test_a_run_begun_right_after_its_start_reuses_the_stamp(tmp_path: Path,
         assert spans == {}
 
 
-def test_concurrent_starts_each_hand_their_run_its_stamp_and_stamps_kept_are_bounded(
-        tmp_path: Path) -> None:
+def test_concurrent_starts_each_hand_their_run_its_own_stamp(tmp_path: Path) -> None:
     """Async starts interleave between stamping their inputs and beginning their runs
-    (each awaits its commit): every run still takes its own stamp, not another's.
-    Stamps whose run never begins here (queued for another process, an id already
-    taken) are not kept without bound."""
+    (each awaits its commit): every run still takes its own stamp, not another's."""
     import asyncio
-
-    from crashsafe.observe import otel
 
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
@@ -1449,9 +1453,9 @@ def test_concurrent_starts_each_hand_their_run_its_stamp_and_stamps_kept_are_bou
     handed: list[bool] = []
     real_begin = tracing.begin
 
-    def begin(run: _instrument.Run, inputs: bytes) -> bool:
-        handed.append(id(inputs) in tracing._handoffs)
-        return real_begin(run, inputs)
+    def begin(run: _instrument.Run, inputs: bytes, stamp: Any = None) -> bool:
+        handed.append(stamp is not None and stamp[0] == stamped(inputs))
+        return real_begin(run, inputs, stamp)
 
     tracing.begin = begin
 
@@ -1466,8 +1470,7 @@ def test_concurrent_starts_each_hand_their_run_its_stamp_and_stamps_kept_are_bou
         return [await h.result_async(timeout=10) for h in handles]
 
     assert asyncio.run(main()) == list(range(20))
-    assert handed == [True] * 20, "every run found its own stamp handed off"
-    assert tracing._handoffs == {}
+    assert handed == [True] * 20, "every run was handed its own stamp"
     app.close()
     spans = _spans(exporter)
     starts = {s.attributes["crashsafe.workflow.id"]: s for s in spans  # type: ignore[index]
@@ -1477,10 +1480,6 @@ def test_concurrent_starts_each_hand_their_run_its_stamp_and_stamps_kept_are_bou
     for run in runs:
         assert run.attributes is not None
         assert _parent(run) == _ids(starts[run.attributes["crashsafe.workflow.id"]])[1]
-
-    for i in range(otel._HANDOFFS + 50):
-        tracing.stamp_start(b'{"args":[],"kwargs":{}}', "never_run", f"N-{i}")
-    assert 0 < len(tracing._handoffs) <= otel._HANDOFFS
 
 
 def test_a_malformed_traceparent_is_no_parent() -> None:

@@ -718,7 +718,7 @@ class App:
         a value crashsafe cannot store fails now, naming the argument.
         Called inside a workflow, this starts a journaled child workflow.
         """
-        wf, inputs, parent = self._prepare(fn, args, kwargs, workflow_id)
+        wf, inputs, parent, stamp = self._prepare(fn, args, kwargs, workflow_id)
         if parent is not None:
             return self._start_child(parent, wf, inputs, args, kwargs, workflow_id)
         self.launch()
@@ -728,14 +728,14 @@ class App:
         except WorkflowExists:
             self._check_existing(wf, rec.id)
         else:
-            self._run(wf, rec, list(args), dict(kwargs), [], fresh=True)
+            self._run(wf, rec, list(args), dict(kwargs), [], fresh=True, stamp=stamp)
         return WorkflowHandle(self, rec.id)
 
     async def start_async(self, fn: Workflow[P, R] | str, *args: Any,
                           workflow_id: str | None = None, **kwargs: Any) -> WorkflowHandle[R]:
         """:meth:`start` for async callers: the store write does not block the loop,
         and concurrent starts share a commit."""
-        wf, inputs, parent = self._prepare(fn, args, kwargs, workflow_id)
+        wf, inputs, parent, stamp = self._prepare(fn, args, kwargs, workflow_id)
         if parent is not None:
             def child() -> WorkflowHandle[R]:
                 return self._start_child(parent, wf, inputs, args, kwargs, workflow_id)
@@ -749,21 +749,25 @@ class App:
         except WorkflowExists:
             await asyncio.to_thread(self._check_existing, wf, rec.id)
         else:
-            self._run(wf, rec, list(args), dict(kwargs), [], fresh=True)
+            self._run(wf, rec, list(args), dict(kwargs), [], fresh=True, stamp=stamp)
         return WorkflowHandle(self, rec.id)
 
     def _prepare(self, fn: Workflow[Any, Any] | str, args: tuple[Any, ...],
                  kwargs: dict[str, Any], workflow_id: str | None,
-                 ) -> tuple[Workflow[Any, Any], bytes, WorkflowContext | None]:
+                 ) -> tuple[Workflow[Any, Any], bytes, WorkflowContext | None, Any]:
+        """The workflow, its stored inputs, the workflow starting it (None: not inside
+        one), and what the tracer's stamp in the inputs says (for the run's begin;
+        None when not tracing)."""
         wf = self._resolve(fn)
         if workflow_id is not None and (not isinstance(workflow_id, str) or not workflow_id):
             raise ConfigurationError(f"workflow_id must be a non-empty string, got {workflow_id!r}")
         inputs = wf.encode_inputs(args, kwargs)
         tracer = self._tracer()
+        stamp = None
         if tracer is not None:  # the trace every run of it continues, even after a crash
-            inputs = tracer.stamp_start(inputs, wf.name, workflow_id)
+            inputs, stamp = tracer.stamp_start(inputs, wf.name, workflow_id)
         parent = _WORKFLOW.get() if _STEP.get() is None else None
-        return wf, inputs, parent
+        return wf, inputs, parent, stamp
 
     def _tracer(self) -> Any:
         """This app's :class:`~crashsafe.observe.otel.Tracing`, or None if it does not
@@ -835,7 +839,7 @@ class App:
 
     def _run(self, wf: Workflow[Any, Any], rec: WorkflowRecord, args: list[Any],
              kwargs: dict[str, Any], journal: list[JournalEntry], *,
-             fresh: bool = False) -> None:
+             fresh: bool = False, stamp: Any = None) -> None:
         ctx = WorkflowContext(self, rec.id, rec.name, journal, is_async=wf.is_async,
                               fresh=fresh, token=rec.token)
         ctx.queue = rec.queue
@@ -850,7 +854,7 @@ class App:
             if rec.id in self._executions or self._closing.is_set():
                 return
             self._executions[rec.id] = ex
-        obs = ctx.instrument = _instrument.begin(self, rec, len(journal))
+        obs = ctx.instrument = _instrument.begin(self, rec, len(journal), stamp)
         if wf.is_async:
             async def main() -> None:
                 scope = obs.enter() if obs is not None else None

@@ -422,11 +422,13 @@ def _start_sweeper() -> None:
             _sweeper.start()
 
 
-def begin(app: App, rec: WorkflowRecord, resumed: int) -> Run | None:
-    """A run of ``rec`` starts in this process; ``resumed``: entries already recorded.
-    None when nothing listens, or when reporting it failed (the run goes on)."""
+def begin(app: App, rec: WorkflowRecord, resumed: int, stamp: Any = None) -> Run | None:
+    """A run of ``rec`` starts in this process; ``resumed``: entries already recorded;
+    ``stamp``: what the tracer stamped into its inputs, when it was started here just
+    now (see :meth:`~crashsafe.observe.otel.Tracing.stamp_start`). None when nothing
+    listens, or when reporting it failed (the run goes on)."""
     try:
-        return _begin(app, rec, resumed)
+        return _begin(app, rec, resumed, stamp)
     except Exception:
         _failed("the start of a run")
         return None
@@ -438,7 +440,7 @@ def _failed(what: str) -> None:
                 exc_info=True)
 
 
-def _begin(app: App, rec: WorkflowRecord, resumed: int) -> Run | None:
+def _begin(app: App, rec: WorkflowRecord, resumed: int, stamp: Any) -> Run | None:
     tracing = app._tracer()
     sinks = _sinks if tracing is None else (*_sinks, tracing)
     if not sinks and not log.isEnabledFor(logging.INFO):
@@ -448,7 +450,7 @@ def _begin(app: App, rec: WorkflowRecord, resumed: int) -> Run | None:
     run = Run(app, rec, resumed, sinks)
     if tracing is not None:
         run.tracing = tracing
-        if not tracing.begin(run, rec.inputs):  # not sampled: its span only made current
+        if not tracing.begin(run, rec.inputs, stamp):  # not sampled: its span only current
             sinks = run.sinks = _sinks
             if not sinks and not log.isEnabledFor(logging.INFO):
                 return run

@@ -79,7 +79,7 @@ class Queue:
         workflow (its id defaults to ``<parent id>/<index>``).
         """
         app = self.app
-        wf, inputs, parent = app._prepare(fn, args, kwargs, workflow_id)
+        wf, inputs, parent, _ = app._prepare(fn, args, kwargs, workflow_id)  # runs later
         wait = seconds(delay, "delay") or 0.0
         if not isinstance(priority, int):
             raise ConfigurationError(f"priority must be an int, not {priority!r}")

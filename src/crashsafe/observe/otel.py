@@ -69,6 +69,8 @@ if TYPE_CHECKING:
 
     from ..stores.base import Op
 
+Stamp = tuple[str, "SpanContext"]
+"""A stamp (a ``traceparent``) and the remote span context it reads as."""
 EXTRA = "pip install 'crashsafe[otel]'"
 """What to install for tracing."""
 STAMP_KEY = "trace"
@@ -137,9 +139,6 @@ def stamped(inputs: bytes) -> str | None:
         return None
 
 
-_HANDOFFS = 256
-"""Stamps kept for runs to begin, at most (the runs of workflows started in this
-process begin here at once, unless queued, or started under an id already taken)."""
 _STAMP_OPEN = f'"{STAMP_KEY}":"'.encode()
 _STAMP_TAIL = 128
 """Bytes at the end of the inputs where a stamp can be: its key, a traceparent (55
@@ -199,25 +198,25 @@ class Tracing(Sink):
         self._context_type = context.Context
         self._key = id(self)
         self._step_names: dict[str, str] = {}
-        self._handoffs: dict[int, tuple[bytes, str, SpanContext]] = {}
-        """Inputs :meth:`stamp_start` stamped, by ``id``: those inputs, the stamp, and
-        the span context :func:`parse_traceparent` would read back from it, until the
-        run of the workflow begins (see :meth:`begin`)."""
 
     # On the caller's thread ------------------------------------------------------------
-    def stamp_start(self, inputs: bytes, name: str, workflow_id: str | None) -> bytes:
+    def stamp_start(self, inputs: bytes, name: str,
+                    workflow_id: str | None) -> tuple[bytes, Stamp | None]:
         """Open and end the ``start`` span (a child of the caller's current span) and
         stamp its context into ``inputs`` (unchanged if tracing fails: the workflow
-        starts anyway)."""
+        starts anyway). Also returns what :meth:`begin` would read back from the stamp,
+        for a run begun right after in this process to take instead (None: no
+        stamp)."""
         try:
             return self._stamp_start(inputs, name, workflow_id)
         except Exception:
             from .._instrument import _failed
 
             _failed("the start of a workflow")
-            return inputs
+            return inputs, None
 
-    def _stamp_start(self, inputs: bytes, name: str, workflow_id: str | None) -> bytes:
+    def _stamp_start(self, inputs: bytes, name: str,
+                     workflow_id: str | None) -> tuple[bytes, Stamp | None]:
         direct = self._direct
         ids = direct.start(name, workflow_id) if direct is not None else None
         if ids is None:
@@ -226,18 +225,10 @@ class Tracing(Sink):
             span.end()
             sc = span.get_span_context()
             if not sc.is_valid:
-                return inputs
+                return inputs, None
             ids = (sc.trace_id, sc.span_id, int(sc.trace_flags))
         value = traceparent(*ids)
-        stamped_inputs = stamp(inputs, value)
-        # The run usually begins right after, in this process, with these very bytes
-        # (from another thread for an async workflow or a worker's): hand it what
-        # reading the stamp back would give (see begin).
-        handoffs = self._handoffs
-        if len(handoffs) >= _HANDOFFS:  # runs that did not begin here (queued elsewhere)
-            handoffs.clear()
-        handoffs[id(stamped_inputs)] = (stamped_inputs, value, _remote(*ids))
-        return stamped_inputs
+        return stamp(inputs, value), (value, _remote(*ids))
 
     def attach(self, span: Any) -> object:
         """Make ``span`` (a run's) current on this thread; returns the detach token.
@@ -259,13 +250,15 @@ class Tracing(Sink):
         else:
             self._context.detach(token)
 
-    def begin(self, run: Run, inputs: bytes) -> bool:
-        """Open the run's ``workflow`` span, a child of the stamped ``start`` span.
-        False when it is not sampled (nor will any span of the run be)."""
-        handoff = self._handoffs.pop(id(inputs), None)
-        if handoff is not None and handoff[0] is inputs:  # started just now, here
-            stamp: str | None = handoff[1]
-            parent: SpanContext | None = handoff[2]
+    def begin(self, run: Run, inputs: bytes, handed: Stamp | None = None) -> bool:
+        """Open the run's ``workflow`` span, a child of the stamped ``start`` span
+        (``handed``: what :meth:`stamp_start` returned for these inputs, when it was
+        just now in this process; else it is read back from them). False when it is
+        not sampled (nor will any span of the run be)."""
+        stamp: str | None
+        parent: SpanContext | None
+        if handed is not None:
+            stamp, parent = handed
         else:
             stamp = stamped(inputs)
             parent = parse_traceparent(stamp)
