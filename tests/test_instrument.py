@@ -1004,6 +1004,48 @@ def test_the_direct_start_span_decides_as_start_span_does() -> None:
     assert counted is not None and not counted.direct_start
 
 
+def test_a_processor_that_acts_on_start_gets_the_start_span_started(tmp_path: Path) -> None:
+    """The start span is the only one crashsafe makes in the caller's context: a span
+    processor that does something in on_start (copying baggage into attributes, say)
+    gets it started through start_span, as before; the SDK's batch and simple
+    processors, which do nothing there, let it be recorded directly. Looked at again
+    when a processor is added."""
+    from opentelemetry.sdk.trace import SpanProcessor
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    from crashsafe.observe import otel
+
+    class Starting(SpanProcessor):
+        def __init__(self) -> None:
+            self.started: list[str] = []
+
+        def on_start(self, span: Any, parent_context: Any = None) -> None:
+            self.started.append(span.name)
+
+    provider = TracerProvider()
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    provider.add_span_processor(BatchSpanProcessor(InMemorySpanExporter()))
+    app = App(f"sqlite:///{tmp_path / 'on_start.db'}", tracing=provider)
+    direct = app._tracer()._direct
+    assert direct is not None and direct.start("probe", None) is not None  # direct
+
+    starting = Starting()
+    provider.add_span_processor(starting)
+    assert direct.start("probe", None) is None  # through start_span from now on
+
+    @app.workflow(name="on_start_wf")
+    def on_start_wf() -> int:
+        return 1
+
+    assert app.start(on_start_wf, workflow_id="OS-1").result(timeout=10) == 1
+    app.close()
+    provider.shutdown()
+    assert starting.started == ["start on_start_wf"]
+    assert [s.name for s in _spans(exporter)].count("start on_start_wf") == 1
+    assert not otel._quiet_processor(starting)
+
+
 def test_a_runs_span_is_made_current_as_the_api_would(tmp_path: Path) -> None:
     """Tracing.attach sets the API's context variable itself (the default runtime
     context): the context it makes current is the API's own, other entries (baggage)

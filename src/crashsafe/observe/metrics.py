@@ -167,7 +167,8 @@ class Metrics:
     """``steps_finished / window_seconds`` (per second)."""
     step_latency: Percentiles
     """``ended_at - started_at`` of the window's step entries: from the first attempt's
-    start to the result's commit, retry delays included."""
+    start to the result (recorded as the commit that makes it durable begins), retry
+    delays included."""
     workflow_latency: Percentiles
     """``updated_at - created_at`` of workflows that succeeded or failed in the window
     (time spent enqueued included)."""

@@ -551,9 +551,10 @@ class _Direct:
         is_random = getattr(tracer.id_generator, "is_trace_id_random", None)
         self.random_root = self.random_flag if is_random is not None and is_random() else 0
         self.flags_type = TraceFlags
-        self.decided: Any = None
-        """The sampler :attr:`decide` was made for (a tracer's may be replaced)."""
-        self.decide: Callable[[Any, int], bool] | None = None
+        self.decided: tuple[Any, Callable[[Any, int], bool] | None] = (None, None)
+        """A sampler and its :func:`_decider` (a tracer's sampler may be replaced)."""
+        self.quiet: tuple[Any, bool] = (object(), False)
+        """The processors :meth:`_quiet` looked at last, and what it found."""
 
     def _checked_context(self, trace_id: int, span_id: int, flags: Any,
                          state: Any) -> SpanContext:
@@ -601,7 +602,7 @@ class _Direct:
         (:func:`_decider`). Only for a tracer that is enabled and counts nothing about
         its own spans (:func:`_plain_tracer`), checked at each call."""
         tracer = self.tracer
-        if not self.direct_start or not tracer._is_enabled():
+        if not self.direct_start or not tracer._is_enabled() or not self._quiet():
             return None
         context = self.current_context()
         parent: Any = self.current_span(context).get_span_context()
@@ -611,11 +612,13 @@ class _Direct:
             parent = None
             trace_id, random_flag = tracer.id_generator.generate_trace_id(), self.random_root
         sampler = tracer.sampler
-        if sampler is not self.decided:
-            self.decided, self.decide = sampler, _decider(sampler)
+        decided = self.decided
+        if decided[0] is not sampler:  # one tuple: another thread sees a matching pair
+            decided = self.decided = (sampler, _decider(sampler))
         name = f"start {workflow}"
-        if self.decide is not None:
-            sampled = self.decide(parent, trace_id)
+        decide = decided[1]
+        if decide is not None:
+            sampled = decide(parent, trace_id)
             span_id = self.new_id()
             if sampled:  # as the SDK's samplers say: the caller's attributes, its state
                 self._start_span(name, trace_id, span_id, 1 | random_flag, parent,
@@ -631,6 +634,20 @@ class _Direct:
             self._start_span(name, trace_id, span_id, flags, parent, result.trace_state,
                              dict(result.attributes or {}))
         return trace_id, span_id, flags
+
+    def _quiet(self) -> bool:
+        """Whether none of the provider's span processors does anything when a span
+        starts or is ending (the SDK's batch and simple processors, or ones that keep
+        the base class's ``on_start``): a ``start`` span, the only one crashsafe makes
+        in the caller's own context, is then recorded without them. Looked at again
+        when a processor is added."""
+        processor = self.processor
+        seen = getattr(processor, "_span_processors", processor)
+        quiet = self.quiet
+        if quiet[0] is not seen:
+            processors = seen if isinstance(seen, tuple) else (processor,)
+            quiet = self.quiet = (seen, all(_quiet_processor(p) for p in processors))
+        return quiet[1]
 
     def _start_span(self, name: str, trace_id: int, span_id: int, flags: int, parent: Any,
                     state: Any, attrs: dict[str, Any]) -> None:
@@ -729,6 +746,19 @@ def _decider(sampler: Any) -> Callable[[Any, int], bool] | None:
             return (remote_yes if parent.trace_flags.sampled else remote_no)(trace_id)
         return (local_yes if parent.trace_flags.sampled else local_no)(trace_id)
     return decide
+
+
+def _quiet_processor(processor: Any) -> bool:
+    """Whether ``processor``'s ``on_start`` and ``_on_ending`` are those of the SDK's
+    base class or of its batch or simple processor, which do nothing."""
+    from opentelemetry.sdk.trace import SpanProcessor
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
+
+    kinds = (SpanProcessor, BatchSpanProcessor, SimpleSpanProcessor)
+    cls = type(processor)
+    return any(cls.on_start is k.on_start for k in kinds) and all(
+        any(getattr(cls, hook, None) is getattr(k, hook, None) for k in kinds)
+        for hook in ("_on_ending",))
 
 
 def _plain_tracer(tracer: Any) -> bool:

@@ -88,7 +88,7 @@ _COUNTERS = (
      "(recovered too often)", ()),
 )
 _HISTOGRAMS = (
-    ("step_duration_seconds", "Step calls from their first attempt to their durable result",
+    ("step_duration_seconds", "Step calls from their first attempt to their result",
      ("workflow", "step")),
     ("checkpoint_write_seconds", "Latency of the commits that wrote a checkpoint",
      ("workflow",)),
@@ -428,7 +428,7 @@ def _workflow_figures(gauge: Any, label: str, m: Metrics) -> None:
     gauge("retrying_steps", "Steps of active workflows retrying without a result").add_metric(
         [label], len(m.retrying))
     for metric, p, doc in (("step_latency_seconds", m.step_latency,
-                            "Step latency, first attempt to durable result"),
+                            "Step latency, first attempt to result"),
                            ("workflow_latency_seconds", m.workflow_latency,
                             "Workflow latency, creation to end"),
                            ("recovery_time_seconds", m.recovery_time,
