@@ -79,9 +79,9 @@ def child(mode: str, replays: int, steps: int, db_dir: str) -> None:
         calls.append(("committed", ops))
         real_committed(run, ops, t0)
 
-    def begin(app_: Any, rec: Any, resumed: int) -> Any:
+    def begin(app_: Any, rec: Any, resumed: int, stamp: Any = None) -> Any:
         records.append(rec)
-        return real_begin(app_, rec, resumed)
+        return real_begin(app_, rec, resumed, stamp)
 
     instrument.Run.step, instrument.Run.committed = step, committed  # type: ignore[method-assign]
     instrument.begin = begin
