@@ -10,9 +10,10 @@ and each workflow's own work (its start span, run span, begin and end) is spread
 its S steps, as in the timed benchmark.
 
 Two things are pinned so that both counts do the same work: the random generator
-(which workflows a sampler keeps), and crashsafe's reporting thread, which reports
-commits that waited 0.2 s of *wall* time, and under callgrind (50 times slower) would
-report from another thread what the timed runs report in batches.
+(which workflows a sampler keeps), and crashsafe's reporting thread, whose ticks
+(every 0.1 s of *wall* time) age the waiting steps, and under callgrind (50 times
+slower) would have steps reported in small batches that the timed runs report in
+full ones.
 
     python bench/bench_observe_cg.py            # seq_off,seq_metrics,seq_unsampled,seq_on
     python bench/bench_observe_cg.py --cases seq_off,seq_trace,seq_logs --workflows 10
