@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import os
 import sqlite3
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -133,13 +134,22 @@ class Agent:
     checkpoint of the growing message list after each turn."""
 
     def __init__(self, app: App, *, crash: bool, on_corrupt: str | None = None,
-                 checkpoints: bool = True) -> None:
+                 checkpoints: bool = True, together: int = 1) -> None:
         self.thought: list[tuple[str, int]] = []
         self.undone: list[str] = []
+        # The crash stops every workflow of the app: it waits (a while, at most) until
+        # ``together`` of them have reached the crash turn, so that none is still
+        # behind it on a loaded machine.
+        arrived = threading.Condition()
+        at_crash: set[str] = set()
 
         @app.step(name="think")
         def think(wid: str, turn: int) -> str:
             if crash and turn == CRASH_TURN:
+                with arrived:
+                    at_crash.add(wid)
+                    arrived.notify_all()
+                    arrived.wait_for(lambda: len(at_crash) >= together, timeout=30)
                 simulate_crash(app, wait=0)
             self.thought.append((wid, turn))
             return f"reply-{turn}"
@@ -170,7 +180,7 @@ EXPECTED = [f"reply-{t}" for t in range(TURNS)]
 def crashed(apps: AppFactory, ids: list[str], **kw: Any) -> App:
     """Run the agents on a first app until it dies in turn CRASH_TURN."""
     first = apps()
-    agent = Agent(first, crash=True, **kw)
+    agent = Agent(first, crash=True, together=len(ids), **kw)
     for wid in ids:
         first.start(agent.flow, wid, workflow_id=wid)
     wait_idle(first, timeout=10)
